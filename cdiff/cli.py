@@ -1,0 +1,227 @@
+"""`cdiff`: sample, inspect and merge models and adapters; train a quick local model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+from cdiff.errors import CdiffError
+
+EXAMPLES = """examples:
+  cdiff train --source sklearn-digits --steps 300 -o models/digits
+  cdiff sample models/base --class Sneaker --class Bag --n 8 -o grid.png
+  cdiff sample models/base --adapter adapters/digits --sampler ddim --steps 50 --guidance 2 -o digits.png
+  cdiff info adapters/digits
+  cdiff merge models/base adapters/digits -o models/base-digits
+
+Errors are one line; set CDIFF_DEBUG=1 (or pass --debug) for the traceback."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cdiff",
+        description="Class-conditional diffusion with cross-attention, and LoRA adapters for new image domains.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "sample",
+        help="generate a labelled PNG grid from a model (optionally with an adapter)",
+        description="Generate N images per class and write them as a labelled PNG grid (one row per class).",
+    )
+    s.add_argument("model", type=Path, help="model folder (config.json + model.safetensors)")
+    s.add_argument("--adapter", type=Path, help="LoRA adapter folder to apply (merged for zero-overhead sampling)")
+    s.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        metavar="NAME_OR_ID",
+        help="class name or id; repeat for several (default: every class)",
+    )
+    s.add_argument("--n", type=_positive_int, default=8, help="images per class (default 8)")
+    s.add_argument(
+        "--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: all T steps; ddim: --steps steps (default)"
+    )
+    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50; ignored by ddpm)")
+    s.add_argument("--eta", type=_guidance, default=0.0, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
+    s.add_argument(
+        "--guidance",
+        type=_guidance,
+        default=2.0,
+        help="classifier-free guidance scale; 1 = plain conditional (default 2)",
+    )
+    s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default 0)")
+    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    s.add_argument("-o", "--output", type=Path, required=True, help="output PNG path")
+
+    i = sub.add_parser(
+        "info",
+        help="print a model's or adapter's metadata as JSON",
+        description="Print the metadata of a model folder or an adapter folder as JSON.",
+    )
+    i.add_argument("path", type=Path, help="model or adapter folder")
+
+    m = sub.add_parser(
+        "merge",
+        help="fold an adapter into its base and write a standalone model",
+        description="Merge a LoRA adapter into its base model and write the result as a new model folder.",
+    )
+    m.add_argument("model", type=Path, help="base model folder")
+    m.add_argument("adapter", type=Path, help="adapter folder trained on that base")
+    m.add_argument("-o", "--output", type=Path, required=True, help="output model folder")
+
+    t = sub.add_parser(
+        "train",
+        help="train a small base model locally (no Ray); the pipeline is `dvc repro`",
+        description="Train a base model on one data source, in this process, and save it as a model folder.",
+    )
+    t.add_argument(
+        "--source",
+        default="sklearn-digits",
+        help="data source: fashion-mnist, mnist, kmnist, emnist-letters, sklearn-digits, imagefolder:PATH",
+    )
+    t.add_argument(
+        "--params", type=Path, default=None, help="params.yaml whose model/diffusion/train.base sections to use"
+    )
+    t.add_argument("--steps", type=_positive_int, default=None, help="training steps (overrides params)")
+    t.add_argument("--data-root", default="data/raw", help="where torchvision-style datasets live")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("-o", "--output", type=Path, required=True, help="output model folder")
+    return parser
+
+
+def cmd_sample(args) -> None:
+    import torch
+
+    from cdiff.checkpoint import load_model
+    from cdiff.grid import save_grid
+    from cdiff.lora import load_adapter, merge_lora
+    from cdiff.samplers import sample
+
+    _check_output(args.output)
+    model, schedule, _ = load_model(args.model, args.device)
+    if args.adapter is not None:
+        load_adapter(model, args.adapter)
+        merge_lora(model)
+    ids = model.prompt.class_ids(args.classes) if args.classes else list(range(len(model.class_names)))
+    class_ids = [c for c in ids for _ in range(args.n)]
+    with torch.inference_mode():
+        images = sample(
+            model,
+            schedule,
+            class_ids,
+            sampler=args.sampler,
+            steps=args.steps,
+            eta=args.eta,
+            guidance_scale=args.guidance,
+            seed=args.seed,
+            device=args.device,
+        )
+    title = (
+        f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'} guidance {args.guidance} seed {args.seed}"
+    )
+    save_grid(args.output, images, [model.class_names[c] for c in ids], args.n, title=title)
+    print(f"wrote {args.output} ({len(class_ids)} images)")
+
+
+def cmd_info(args) -> None:
+    from cdiff.checkpoint import describe
+
+    print(json.dumps(describe(args.path), indent=2))
+
+
+def cmd_merge(args) -> None:
+    from cdiff.checkpoint import load_model, save_model
+    from cdiff.lora import load_adapter, merge_and_unload
+
+    model, schedule, config = load_model(args.model)
+    load_adapter(model, args.adapter)
+    merge_and_unload(model)
+    fp = save_model(
+        model,
+        schedule.config,
+        args.output,
+        extra={"merged_from": {"base": config["fingerprint"], "adapter": str(args.adapter)}},
+    )
+    print(f"wrote {args.output} (fingerprint {fp[:12]})")
+
+
+def cmd_train(args) -> None:
+    from cdiff.checkpoint import save_model
+    from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig, load_params
+    from cdiff.data import load_source
+    from cdiff.model import UNet
+    from cdiff.schedule import NoiseSchedule
+    from cdiff.train import train
+
+    if args.params:
+        p = load_params(args.params)
+        model_cfg, diffusion, train_cfg = p.model, p.diffusion, p.train.base
+    else:
+        model_cfg, diffusion, train_cfg = ModelConfig(), DiffusionConfig(), TrainConfig(steps=500)
+    if args.steps:
+        train_cfg.steps = args.steps
+    data = load_source(args.source, "train", model_cfg.image_size, model_cfg.channels, args.data_root)
+    model_cfg.num_classes = len(data.class_names)
+    import torch
+
+    torch.manual_seed(args.seed)
+    model = UNet(model_cfg, data.class_names)
+    state = train(model, NoiseSchedule(diffusion), data, train_cfg, seed=args.seed, p_uncond=diffusion.p_uncond)
+    save_model(model, diffusion, args.output)
+    print(f"wrote {args.output} (final loss {state.losses[-1][1]:.4f} after {state.step} steps)")
+
+
+def _check_output(path: Path) -> None:
+    if not path.parent.is_dir():
+        raise CdiffError(f"output folder {path.parent} does not exist: create it first")
+
+
+COMMANDS = {"sample": cmd_sample, "info": cmd_info, "merge": cmd_merge, "train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("CDIFF_DEBUG") == "1"
+    try:
+        COMMANDS[args.command](args)
+    except CdiffError as e:
+        if debug:
+            raise
+        print(f"cdiff: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Data: one registry of image sources, domain transforms, and prepared datasets on disk.
+
+Every source yields uint8 images (N, C, H, W), int64 labels and class names, fitted to the model's
+size and channels. See SOURCES for each source's origin and license.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from cdiff.errors import CdiffError
+from cdiff.io import fingerprint, load_safetensors, read_json, save_safetensors, write_json
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def as_float(self) -> torch.Tensor:
+        return self.images.float() / 127.5 - 1  # [-1, 1], the range the diffusion works in
+
+    def subset(self, index) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.class_names)
+
+
+@dataclass
+class Source:
+    origin: str
+    license: str
+    load: Callable[..., ImageSet]  # load(split, root, download, size, channels)
+
+
+# ---- sources -----------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    _, dtype, ndim = struct.unpack(">HBB", data[:4])
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    if dtype != 0x08:
+        raise CdiffError(f"{path} is not a uint8 IDX file")
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+
+
+def _fashion_mnist(split, root, download, size, channels) -> ImageSet:
+    prefix = "train" if split == "train" else "t10k"
+    names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+    for folder in (Path(root) / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST):
+        for suffix in ("", ".gz"):
+            paths = [folder / (n + suffix) for n in names]
+            if all(p.is_file() for p in paths):
+                images, labels = (_read_idx(p) for p in paths)
+                return _fit(
+                    ImageSet(
+                        torch.from_numpy(images.copy())[:, None],
+                        torch.from_numpy(labels.astype(np.int64)),
+                        FASHION_CLASSES,
+                    ),
+                    size,
+                    channels,
+                )
+    if download:
+        return _torchvision("FashionMNIST")(split, root, download, size, channels)
+    raise CdiffError(
+        f"Fashion-MNIST not found in {Path(root) / 'FashionMNIST' / 'raw'} or {DEBIAN_FASHION_MNIST}: "
+        "run `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set data.download: true to fetch it"
+    )
+
+
+def _torchvision(cls_name: str, **kwargs):
+    def load(split, root, download, size, channels) -> ImageSet:
+        import torchvision.datasets as tvd
+
+        try:
+            ds = getattr(tvd, cls_name)(root, train=split == "train", download=download, **kwargs)
+        except RuntimeError as e:
+            raise CdiffError(
+                f"{cls_name} not found under {root} ({str(e).splitlines()[0]}): set data.download: true "
+                f"to fetch it, or copy torchvision's {cls_name} files into {root}"
+            ) from e
+        images, labels, classes = ds.data, torch.as_tensor(ds.targets, dtype=torch.long), list(ds.classes)
+        if cls_name == "EMNIST":  # letters: stored transposed, labels 1..26 with class 0 'N/A'
+            images, labels, classes = images.transpose(1, 2), labels - 1, classes[1:]
+        return _fit(ImageSet(images[:, None].contiguous(), labels, classes), size, channels)
+
+    return load
+
+
+def _sklearn_digits(split, root, download, size, channels) -> ImageSet:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.from_numpy((digits.images * 255.0 / 16.0).round().astype(np.uint8))[:, None]  # (1797, 1, 8, 8)
+    full = ImageSet(images, torch.from_numpy(digits.target.astype(np.int64)), [str(i) for i in range(10)])
+    return _fit(_split(full, split), size, channels)
+
+
+def _image_folder(path: str):
+    def load(split, root, download, size, channels) -> ImageSet:
+        from PIL import Image, UnidentifiedImageError
+
+        folder = Path(path)
+        if not folder.is_dir():
+            raise CdiffError(f"image folder not found: {folder}")
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise CdiffError(f"image folder {folder} has no class sub-folders: put images in {folder}/<class>/")
+        images, labels = [], []
+        for label, name in enumerate(classes):
+            files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise CdiffError(f"class folder {folder / name} has no PNG/JPEG images: add some or remove it")
+            for file in files:
+                try:
+                    with Image.open(file) as im:
+                        im = im.convert("L" if channels == 1 else "RGB")  # mixed modes are converted
+                        arr = np.asarray(im, dtype=np.uint8)
+                except (UnidentifiedImageError, OSError) as e:
+                    raise CdiffError(f"cannot read image {file} ({e.__class__.__name__}): fix or remove it") from e
+                arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+                images.append(_fit_one(torch.from_numpy(arr.copy()), size))  # mixed sizes are fitted
+                labels.append(label)
+        full = ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), classes)
+        return _split(full, split)
+
+    return load
+
+
+SOURCES: dict[str, Source] = {
+    "fashion-mnist": Source(
+        "Zalando Research; local root, Debian's dataset-fashion-mnist, or torchvision download", "MIT", _fashion_mnist
+    ),
+    "mnist": Source("Y. LeCun et al.; torchvision (local root or download)", "CC BY-SA 3.0", _torchvision("MNIST")),
+    "kmnist": Source("ROIS-DS CODH; torchvision (local root or download)", "CC BY-SA 4.0", _torchvision("KMNIST")),
+    "emnist-letters": Source(
+        "NIST / G. Cohen et al.; torchvision (local root or download)",
+        "NIST public domain-like terms",
+        _torchvision("EMNIST", split="letters"),
+    ),
+    "sklearn-digits": Source(
+        "UCI optical digits, shipped with scikit-learn (1,797 8x8 images)", "CC BY 4.0", _sklearn_digits
+    ),
+}
+
+
+def check_source(spec: str, key: str = "source") -> None:
+    if spec.startswith("imagefolder:") and len(spec) > len("imagefolder:"):
+        return
+    if spec not in SOURCES:
+        raise CdiffError(f"{key}: unknown source {spec!r} (known: {', '.join(SOURCES)}, imagefolder:PATH)")
+
+
+def load_source(spec: str, split: str, size: int, channels: int, root="data/raw", download=False) -> ImageSet:
+    """Load split 'train' or 'test' of a source, fitted to (channels, size, size)."""
+    check_source(spec)
+    loader = _image_folder(spec.split(":", 1)[1]) if spec.startswith("imagefolder:") else SOURCES[spec].load
+    return loader(split, root, download, size, channels)
+
+
+def _split(full: ImageSet, split: str, test_fraction=0.2) -> ImageSet:
+    """A fixed, seeded train/test split for sources that ship without one."""
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
+    n_test = max(1, int(len(full) * test_fraction)) if len(full) > 1 else 0
+    return full.subset(order[n_test:] if split == "train" else order[:n_test])
+
+
+# ---- fitting to the model's size and channels ------------------------------------------------
+
+
+def _fit_one(image: torch.Tensor, size: int) -> torch.Tensor:
+    """(C, h, w) uint8 -> (C, size, size): scale the longer side to `size`, pad the other (centred)."""
+    c, h, w = image.shape
+    if (h, w) != (size, size):
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        x = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        x = F.pad(x, ((size - nw) // 2, size - nw - (size - nw) // 2, (size - nh) // 2, size - nh - (size - nh) // 2))
+        image = x[0].round().clamp(0, 255).to(torch.uint8)
+    return image
+
+
+def _fit(data: ImageSet, size: int, channels: int) -> ImageSet:
+    images = data.images
+    if images.shape[1] != channels:
+        if channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        else:  # ITU-R 601 luma
+            w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+            images = (images.float() * w).sum(1, keepdim=True).round().to(torch.uint8)
+    if images.shape[-2:] != (size, size):
+        images = torch.stack([_fit_one(im, size) for im in images]) if len(images) else images
+    return ImageSet(images.contiguous(), data.labels, data.class_names)
+
+
+# ---- domain transforms -----------------------------------------------------------------------
+
+TRANSFORMS = ("rotate:DEG", "invert", "limit_per_class:N", "subset_classes:[...]")
+
+
+def parse_transforms(specs: list[str], key: str = "transforms") -> list[tuple[str, object]]:
+    out = []
+    for i, spec in enumerate(specs):
+        name, _, arg = str(spec).partition(":")
+        try:
+            if name == "rotate":
+                out.append((name, float(arg)))
+            elif name == "invert" and not arg:
+                out.append((name, None))
+            elif name == "limit_per_class" and int(arg) >= 1:
+                out.append((name, int(arg)))
+            elif name == "subset_classes" and isinstance(yaml.safe_load(arg), list) and yaml.safe_load(arg):
+                out.append((name, [str(c) for c in yaml.safe_load(arg)]))
+            else:
+                raise ValueError
+        except (ValueError, yaml.YAMLError):
+            raise CdiffError(f"{key}[{i}]: bad transform {spec!r} (known: {', '.join(TRANSFORMS)})") from None
+    return out
+
+
+def apply_transforms(data: ImageSet, specs: list[str], split: str) -> ImageSet:
+    """Apply domain transforms in order. limit_per_class limits training data only; test stays whole."""
+    from torchvision.transforms.v2.functional import rotate
+
+    for name, arg in parse_transforms(specs):
+        if name == "rotate":
+            data = ImageSet(rotate(data.images, arg), data.labels, data.class_names)
+        elif name == "invert":
+            data = ImageSet(255 - data.images, data.labels, data.class_names)
+        elif name == "limit_per_class" and split == "train":
+            keep = torch.cat([torch.nonzero(data.labels == c).flatten()[:arg] for c in range(len(data.class_names))])
+            data = data.subset(keep.sort().values)
+        elif name == "subset_classes":
+            ids = [_class_id(data.class_names, c) for c in arg]
+            mask = torch.isin(data.labels, torch.tensor(ids))
+            remap = torch.full((len(data.class_names),), -1, dtype=torch.long)
+            remap[torch.tensor(ids)] = torch.arange(len(ids))
+            data = ImageSet(data.images[mask], remap[data.labels[mask]], [data.class_names[i] for i in ids])
+    return data
+
+
+def _class_id(names: list[str], item: str) -> int:
+    if item in names:
+        return names.index(item)
+    if item.isdigit() and int(item) < len(names):
+        return int(item)
+    raise CdiffError(f"subset_classes: unknown class {item!r} (known: {', '.join(names)})")
+
+
+# ---- prepared datasets on disk ---------------------------------------------------------------
+
+
+def prepare_domain(source, transforms, size, channels, root, download, val_fraction, seed) -> dict[str, ImageSet]:
+    """train / val / test sets of one domain: val is a seeded hold-out of the training split."""
+    train = apply_transforms(load_source(source, "train", size, channels, root, download), transforms, "train")
+    test = apply_transforms(load_source(source, "test", size, channels, root, download), transforms, "test")
+    if len(train) < 2:
+        raise CdiffError(f"source {source} gives {len(train)} training image(s) after transforms: need at least 2")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(len(train) * val_fraction))
+    return {
+        "train": train.subset(order[n_val:].sort().values),
+        "val": train.subset(order[:n_val].sort().values),
+        "test": test,
+    }
+
+
+def save_imageset(data: ImageSet, folder: Path, split: str) -> str:
+    """Write <split>.safetensors and <split>.json (class names, count, fingerprint); returns the fingerprint."""
+    tensors = {"images": data.images, "labels": data.labels}
+    fp = fingerprint(tensors)
+    save_safetensors(tensors, folder / f"{split}.safetensors")
+    write_json(folder / f"{split}.json", {"class_names": data.class_names, "count": len(data), "fingerprint": fp})
+    return fp
+
+
+def load_imageset(folder, split: str) -> ImageSet:
+    folder = Path(folder)
+    meta = read_json(folder / f"{split}.json", "prepared dataset metadata")
+    tensors = load_safetensors(folder / f"{split}.safetensors", "prepared dataset")
+    if set(tensors) != {"images", "labels"} or fingerprint(tensors) != meta.get("fingerprint"):
+        raise CdiffError(f"prepared dataset {folder}/{split} is corrupt: rerun the prepare stage")
+    return ImageSet(tensors["images"], tensors["labels"], meta["class_names"])

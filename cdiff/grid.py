@@ -1,0 +1,36 @@
+"""Labelled sample grids: one row per class, its name on the left."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.utils import make_grid
+
+from cdiff.io import atomic_write
+
+
+def grid_image(
+    images: torch.Tensor, row_labels: list[str], per_row: int, scale: int = 2, title: str | None = None
+) -> Image.Image:
+    """images (N, C, H, W) in [-1, 1], N = len(row_labels) * per_row -> a PIL image with a label column."""
+    grid = make_grid((images.cpu() + 1) / 2, nrow=per_row, padding=2, pad_value=1.0)  # (3, H', W')
+    picture = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    font = ImageFont.load_default()
+    label_width = 8 + max((int(font.getlength(s)) for s in row_labels), default=0)
+    top = 18 if title else 0
+    canvas = Image.new("RGB", (picture.width + label_width, picture.height + top), "white")
+    canvas.paste(picture, (label_width, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 3), title, fill="black", font=font)
+    row_height = picture.height / max(1, len(row_labels))
+    for i, label in enumerate(row_labels):
+        draw.text((4, top + i * row_height + row_height / 2 - 5), label, fill="black", font=font)
+    return canvas
+
+
+def save_grid(path, images: torch.Tensor, row_labels: list[str], per_row: int, title: str | None = None) -> None:
+    picture = grid_image(images, row_labels, per_row, title=title)
+    with atomic_write(path) as tmp:
+        picture.save(tmp, format="PNG")

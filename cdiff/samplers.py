@@ -1,0 +1,110 @@
+"""Samplers: ancestral DDPM and DDIM, both with classifier-free guidance, seeded through a torch.Generator."""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from cdiff.errors import CdiffError
+from cdiff.schedule import NoiseSchedule
+
+
+def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """eps = eps_uncond + s * (eps_cond - eps_uncond); s = 1 is the plain conditional prediction."""
+    if guidance_scale == 1.0:
+        return model(x, t, y)
+    null = torch.full_like(y, model.prompt.null_id)
+    eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # one batch for both
+    eps_cond, eps_uncond = eps.chunk(2)
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    # drawn on the generator's device (CPU by default), so a seed gives the same images on any device
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
+@torch.no_grad()
+def ddpm_sample(model, schedule: NoiseSchedule, y, shape, generator, guidance_scale=1.0, progress=True):
+    """Ancestral sampling (Ho et al. 2020, Alg. 2) over all T steps."""
+    device = y.device
+    x = _noise(shape, generator, device)
+    betas, alphas, abar = (v.to(device) for v in (schedule.betas, schedule.alphas, schedule.alphas_cumprod))
+    for i in tqdm(range(schedule.timesteps - 1, -1, -1), desc="DDPM", disable=not progress, leave=False):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        eps = guided_eps(model, x, t, y, guidance_scale)
+        # 1. mean: (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)
+        mean = (x - betas[i] / (1 - abar[i]).sqrt() * eps) / alphas[i].sqrt()
+        if i > 0:
+            # 2. sigma_t^2 = beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+            var = betas[i] * (1 - abar[i - 1]) / (1 - abar[i])
+            x = mean + var.sqrt() * _noise(shape, generator, device)
+        else:
+            x = mean
+    return x.clamp(-1, 1)
+
+
+def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
+    """`steps` evenly spaced time steps from T-1 down to 0."""
+    if not 1 <= steps <= timesteps:
+        raise CdiffError(f"DDIM steps must be in 1..{timesteps}, got {steps}")
+    return torch.linspace(timesteps - 1, 0, steps).round().long().unique_consecutive().tolist()
+
+
+@torch.no_grad()
+def ddim_sample(
+    model, schedule: NoiseSchedule, y, shape, generator, steps=50, eta=0.0, guidance_scale=1.0, progress=True
+):
+    """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic given the initial noise, eta = 1 is DDPM-like."""
+    device = y.device
+    x = _noise(shape, generator, device)
+    abar = schedule.alphas_cumprod.to(device)
+    ts = ddim_timesteps(schedule.timesteps, steps)
+    for k, i in enumerate(tqdm(ts, desc=f"DDIM-{steps}", disable=not progress, leave=False)):
+        t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+        eps = guided_eps(model, x, t, y, guidance_scale)
+        a_t = abar[i]
+        a_prev = abar[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0, device=device)
+        # 1. predicted x0
+        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # re-derive eps from the clipped x0
+        # 2. sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        # 3. direction pointing to x_t, then x_{t-1}
+        direction = (1 - a_prev - sigma**2).clamp(min=0).sqrt() * eps
+        x = a_prev.sqrt() * x0 + direction
+        if eta > 0 and k + 1 < len(ts):
+            x = x + sigma * _noise(shape, generator, device)
+    return x.clamp(-1, 1)
+
+
+def sample(
+    model,
+    schedule,
+    class_ids,
+    *,
+    sampler="ddim",
+    steps=50,
+    eta=0.0,
+    guidance_scale=1.0,
+    seed=0,
+    device="cpu",
+    progress=True,
+):
+    """Generate one image per entry of `class_ids`; returns (N, C, H, W) in [-1, 1]."""
+    if guidance_scale < 0 or guidance_scale != guidance_scale:
+        raise CdiffError(f"guidance scale must be a number >= 0, got {guidance_scale}")
+    if sampler not in ("ddpm", "ddim"):
+        raise CdiffError(f"unknown sampler {sampler!r}: use ddpm or ddim")
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    y = torch.as_tensor(class_ids, dtype=torch.long, device=device)
+    c, s = model.config.channels, model.config.image_size
+    shape = (len(class_ids), c, s, s)
+    try:
+        if sampler == "ddpm":
+            return ddpm_sample(model, schedule, y, shape, generator, guidance_scale, progress)
+        return ddim_sample(model, schedule, y, shape, generator, steps, eta, guidance_scale, progress)
+    finally:
+        model.train(was_training)

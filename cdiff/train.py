@@ -1,0 +1,194 @@
+"""One training step and one loop for base pretraining, LoRA and full fine-tuning: only what trains differs.
+
+All randomness of a step (which images, t, noise, label dropout) comes from (seed, step) for the
+*global* batch; each worker takes its slice. So 1 worker and N workers see the same numbers, and a
+run resumed from a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from cdiff.config import TrainConfig
+from cdiff.data import ImageSet
+from cdiff.errors import CdiffError
+from cdiff.schedule import NoiseSchedule, diffusion_loss
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters; its weights are the ones saved."""
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, model, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages follow the model
+        for n, p in model.named_parameters():
+            if n in self.shadow:
+                self.shadow[n].lerp_(p.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, model) -> None:
+        params = dict(model.named_parameters())
+        for n, v in self.shadow.items():
+            params[n].copy_(v)
+
+
+class BatchPlan:
+    """Seeded epochs over n items: global batch `step` is the same whatever the number of workers."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self._perm: tuple[int, torch.Tensor] | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if self._perm is None or self._perm[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = (epoch, torch.randperm(self.n, generator=g))
+        return self._perm[1]
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return torch.stack([self._permutation(p // self.n)[p % self.n] for p in positions])
+
+
+def step_noise(step: int, seed: int, batch_size: int, image_shape, timesteps: int):
+    """(t, noise, u) for the global batch of `step`: u decides label dropout."""
+    g = torch.Generator().manual_seed(seed * 7_919 + step + 1)
+    t = torch.randint(0, timesteps, (batch_size,), generator=g)
+    noise = torch.randn((batch_size, *image_shape), generator=g)
+    u = torch.rand(batch_size, generator=g)
+    return t, noise, u
+
+
+@dataclass
+class TrainState:
+    step: int
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    losses: list[tuple[int, float]]  # (step, loss) as logged
+
+    def state_dict(self, model) -> dict:
+        core = getattr(model, "module", model)
+        return {
+            "step": self.step,
+            "model": core.state_dict(),
+            "ema": self.ema.shadow,
+            "optimizer": self.optimizer.state_dict(),
+        }
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def new_state(model, cfg: TrainConfig, resume: dict | None = None) -> TrainState:
+    core = getattr(model, "module", model)
+    params = [p for p in core.parameters() if p.requires_grad]
+    if not params:
+        raise CdiffError("nothing to train: every parameter is frozen")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = TrainState(0, EMA(core, cfg.ema_decay), optimizer, [])
+    if resume is not None:
+        core.load_state_dict(resume["model"])
+        state.ema.shadow = {k: v.clone() for k, v in resume["ema"].items()}
+        optimizer.load_state_dict(resume["optimizer"])
+        state.step = int(resume["step"])
+    return state
+
+
+def train(
+    model,
+    schedule: NoiseSchedule,
+    data: ImageSet,
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    p_uncond: float,
+    state: TrainState | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+    device="cpu",
+    on_log: Callable[[int, dict], None] | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+    progress: bool = True,
+) -> TrainState:
+    """Train `model` (plain or DDP-wrapped) for cfg.steps global steps; returns the final state.
+
+    The EMA weights are copied into the model at the end: those are the weights to save.
+    """
+    if cfg.batch_size % world_size:
+        raise CdiffError(f"batch_size {cfg.batch_size} must be divisible by the number of workers {world_size}")
+    core = getattr(model, "module", model)
+    state = state or new_state(model, cfg)
+    plan = BatchPlan(len(data), cfg.batch_size, seed)
+    images = data.as_float()
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank != 0, leave=False)
+    while state.step < cfg.steps:
+        step = state.step
+        mine = slice(rank, None, world_size)  # this worker's share of the global batch
+        index = plan.global_batch(step)[mine]
+        t, noise, u = (v[mine] for v in step_noise(step, seed, cfg.batch_size, images.shape[1:], schedule.timesteps))
+        x0, y = images[index].to(device), data.labels[index].to(device)
+        for group in state.optimizer.param_groups:
+            group["lr"] = learning_rate(cfg, step)
+        loss = diffusion_loss(
+            model, schedule, x0, y, t.to(device), noise.to(device), u.to(device), p_uncond, core.prompt.null_id
+        )
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
+        state.optimizer.step()
+        state.ema.update(core, step)
+        state.step += 1
+        bar.update(1)
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+            value = loss.detach()
+            if world_size > 1 and dist.is_initialized():
+                dist.all_reduce(value)
+                value = value / world_size
+            state.losses.append((state.step, value.item()))
+            bar.set_postfix(loss=f"{value.item():.4f}")
+            if on_log:
+                on_log(state.step, {"loss": value.item(), "lr": learning_rate(cfg, step)})
+        if on_checkpoint and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
+            on_checkpoint(state)
+    bar.close()
+    state.ema.copy_to(core)
+    return state
+
+
+@torch.no_grad()
+def validation_loss(
+    model, schedule: NoiseSchedule, data: ImageSet, n: int = 512, seed: int = 0, batch_size: int = 256, device="cpu"
+) -> float:
+    """A deterministic epsilon loss on held-out images: fixed images, evenly spaced t and fixed noise."""
+    was_training = model.training
+    model.eval()
+    n = min(n, len(data))
+    images, labels = data.as_float()[:n], data.labels[:n]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(images.shape, generator=g)
+    t = torch.linspace(0, schedule.timesteps - 1, n).round().long()[torch.randperm(n, generator=g)]
+    total = 0.0
+    for i in range(0, n, batch_size):
+        sl = slice(i, i + batch_size)
+        x_t = schedule.q_sample(images[sl], t[sl], noise[sl]).to(device)
+        eps = model(x_t, t[sl].to(device), labels[sl].to(device))
+        total += torch.nn.functional.mse_loss(eps.cpu(), noise[sl], reduction="sum").item()
+    model.train(was_training)
+    return total / noise.numel()

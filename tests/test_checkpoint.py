@@ -1,0 +1,48 @@
+import pickle
+
+import pytest
+import torch
+
+from cdiff.checkpoint import describe, load_model, save_model
+from cdiff.config import DiffusionConfig
+from cdiff.errors import CdiffError
+
+
+def test_model_folder_round_trip(tiny_model, tmp_path):
+    fp = save_model(tiny_model, DiffusionConfig(timesteps=50), tmp_path / "m")
+    model, schedule, config = load_model(tmp_path / "m")
+    assert config["fingerprint"] == fp and schedule.timesteps == 50 and model.class_names == ["cat", "dog", "bird"]
+    for k, v in tiny_model.state_dict().items():
+        assert torch.equal(v, model.state_dict()[k])
+    assert describe(tmp_path / "m")["kind"] == "model"
+
+
+class _Boom:
+    def __reduce__(self):
+        return (open, ("/tmp/cdiff-pwned", "w"))
+
+
+def test_crafted_pickle_is_refused_without_running(tiny_model, tmp_path):
+    save_model(tiny_model, DiffusionConfig(), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(CdiffError, match="not a valid safetensors file"):
+        load_model(tmp_path / "m")
+    import os
+
+    assert not os.path.exists("/tmp/cdiff-pwned")
+
+
+def test_corrupt_weights_fail_the_fingerprint(tiny_model, tmp_path):
+    save_model(tiny_model, DiffusionConfig(), tmp_path / "m")
+    with torch.no_grad():
+        next(tiny_model.parameters()).add_(1)
+    other = tmp_path / "other"
+    save_model(tiny_model, DiffusionConfig(), other)
+    (tmp_path / "m" / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(CdiffError, match="fingerprint"):
+        load_model(tmp_path / "m")
+
+
+def test_missing_folder_is_one_line_error(tmp_path):
+    with pytest.raises(CdiffError, match="model folder not found"):
+        load_model(tmp_path / "nope")

@@ -1,0 +1,94 @@
+import torch
+
+from cdiff.config import TrainConfig
+from cdiff.data import ImageSet
+from cdiff.lora import inject_lora
+from cdiff.model import UNet
+from cdiff.train import BatchPlan, new_state, train, validation_loss
+from tests.conftest import tiny_config
+
+
+def _toy_data(n=64):
+    # three classes of distinct, easy patterns: a quick overfit target
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(n) % 3
+    images = torch.zeros(n, 1, 12, 12, dtype=torch.uint8)
+    for c in range(3):
+        images[labels == c, :, c * 4 : c * 4 + 4, :] = 255
+    images = (images.float() + torch.randint(0, 20, images.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    return ImageSet(images, labels, ["top", "middle", "bottom"])
+
+
+def test_tiny_overfit_loss_falls_clearly(schedule):
+    torch.manual_seed(0)
+    model, data = UNet(tiny_config()), _toy_data()
+    before = validation_loss(model, schedule, data, n=64)
+    cfg = TrainConfig(steps=150, batch_size=32, lr=3e-3, warmup_steps=10, log_every=10, ema_decay=0.9)
+    state = train(model, schedule, data, cfg, seed=0, p_uncond=0.1, progress=False)
+    after = validation_loss(model, schedule, data, n=64)
+    assert state.step == 150 and len(state.losses) == 15
+    assert after < 0.5 * before, (before, after)
+
+
+def test_lora_training_changes_only_the_adapter(schedule):
+    torch.manual_seed(0)
+    model, data = UNet(tiny_config()), _toy_data()
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    inject_lora(model, r=2, alpha=2)
+    train(
+        model, schedule, data, TrainConfig(steps=5, batch_size=8, warmup_steps=0), seed=0, p_uncond=0.1, progress=False
+    )
+    for k, v in model.state_dict().items():
+        if "lora_" not in k:
+            assert torch.equal(v, frozen[k.replace(".base_layer", "")]), k
+
+
+def test_resume_from_checkpoint_equals_uninterrupted_run(schedule):
+    cfg = TrainConfig(steps=12, batch_size=8, warmup_steps=2, checkpoint_every=5, log_every=1)
+    data = _toy_data()
+    torch.manual_seed(0)
+    straight = UNet(tiny_config())
+    init = {k: v.clone() for k, v in straight.state_dict().items()}
+    train(straight, schedule, data, cfg, seed=1, p_uncond=0.1, progress=False)
+
+    saved = []
+    first = UNet(tiny_config())
+    first.load_state_dict(init)
+    cfg_short = TrainConfig(**{**cfg.__dict__, "steps": 12})
+    try:
+        train(
+            first,
+            schedule,
+            data,
+            cfg_short,
+            seed=1,
+            p_uncond=0.1,
+            progress=False,
+            on_checkpoint=lambda s: (saved.append({k: v for k, v in _copy(s.state_dict(first)).items()}), _stop(s)),
+        )
+    except KeyboardInterrupt:
+        pass
+    assert saved[0]["step"] == 5
+    resumed = UNet(tiny_config())
+    state = new_state(resumed, cfg, resume=saved[0])
+    train(resumed, schedule, data, cfg, seed=1, p_uncond=0.1, state=state, progress=False)
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def _copy(obj):
+    import copy
+
+    return copy.deepcopy(obj)
+
+
+def _stop(state):
+    raise KeyboardInterrupt  # simulate a crash right after the first checkpoint
+
+
+def test_batch_plan_shards_union_to_the_global_batch():
+    plan = BatchPlan(10, 4, seed=0)
+    seen = torch.cat([plan.global_batch(s) for s in range(5)])  # two full epochs
+    assert sorted(seen.tolist()) == sorted(list(range(10)) * 2)
+    g = plan.global_batch(3)
+    assert torch.equal(torch.cat([g[0::2], g[1::2]]).sort().values, g.sort().values)
