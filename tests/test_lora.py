@@ -23,7 +23,7 @@ X, T, Y = torch.randn(2, 1, 12, 12), torch.tensor([3, 30]), torch.tensor([0, 2])
 def _randomize_lora(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
 

@@ -51,12 +51,12 @@ class UNet(nn.Module):
         ctx = self.prompt(y)  # (B, n_ctx, ctx_dim)
         x = self.stem(x)
         skips = []
-        for block, down in zip(self.down, self.downsample):
+        for block, down in zip(self.down, self.downsample, strict=True):
             x = block(x, t_emb, ctx)
             skips.append(x)
             x = down(x)  # (B, C, H/2, W/2) except on the last level
         x = self.mid(x, t_emb, ctx)
-        for block, up in zip(self.up, self.upsample):
+        for block, up in zip(self.up, self.upsample, strict=True):
             x = up(x)
             x = block(torch.cat([x, skips.pop()], dim=1), t_emb, ctx)
         return self.head(x)[..., :h, :w]  # (B, channels, H, W)
