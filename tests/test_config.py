@@ -1,0 +1,48 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cdiff.config import load_params
+from cdiff.errors import CdiffError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, edit):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    edit(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_default_params_load():
+    p = load_params(ROOT / "params.yaml")
+    assert p.data.base.source == "fashion-mnist" and len(p.data.domains) >= 2
+
+
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (lambda r: r["data"]["domains"][0]["lora"].update(r=0), "data.domains[0].lora.r"),
+        (lambda r: r["data"]["domains"][0].update(source="nope"), "data.domains[0].source"),
+        (lambda r: r["train"]["base"].update(lr=-1.0), "train.base.lr"),
+        (lambda r: r["data"]["domains"].append(dict(r["data"]["domains"][0])), "data.domains[2].name"),
+        (lambda r: r["model"].update(n_ctx="four"), "model.n_ctx"),
+        (lambda r: r["model"].update(colour=3), "model.colour"),
+        (lambda r: r["sample"].update(guidance_scale=float("nan")), "sample.guidance_scale"),
+        (lambda r: r["ray"].update(num_workers=0), "ray.num_workers"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path, edit, key):
+    with pytest.raises(CdiffError) as err:
+        load_params(_write(tmp_path, edit))
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_broken_yaml_is_one_line(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model: [unclosed\n")
+    with pytest.raises(CdiffError, match="not valid YAML"):
+        load_params(path)
