@@ -22,7 +22,7 @@ data:
 	  $(BIN)/python -c "import torchvision; torchvision.datasets.FashionMNIST('data/raw', download=True)"; fi
 
 repro: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	$(BIN)/python -m pytest -q

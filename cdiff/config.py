@@ -19,7 +19,7 @@ class ModelConfig:
     image_size: int = 28
     channels: int = 1  # 1 (grey) or 3 (RGB)
     num_classes: int = 10  # class ids 0..num_classes-1; id num_classes is the "null" prompt for guidance
-    base_channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # one entry per UNet level
+    base_channels: list[int] = field(default_factory=lambda: [24, 48, 96])  # one entry per UNet level
     n_ctx: int = 4  # prompt tokens per class: several, so softmax attention is not constant
     ctx_dim: int = 64  # width of each prompt token
     attn_dim: int = 64  # width of q, k, v (split over n_heads)
@@ -94,11 +94,10 @@ class LoraConfig:
 
 @dataclass
 class DomainConfig:
-    name: str
     source: str
-    transforms: list[str] = field(default_factory=list)
+    transforms: list[str]  # required, even if [] (dvc.yaml tracks it as a param)
+    name: str = ""  # a domain's name is its key under data.domains
     lora: LoraConfig = field(default_factory=LoraConfig)
-    full_finetune: bool = False  # also train a full fine-tune, the reference LoRA is compared to
 
     def validate(self, key: str) -> None:
         from cdiff.data import check_source, parse_transforms
@@ -112,7 +111,7 @@ class DomainConfig:
 @dataclass
 class DataConfig:
     base: DomainConfig
-    domains: list[DomainConfig] = field(default_factory=list)
+    domains: dict[str, DomainConfig] = field(default_factory=dict)  # name -> domain; DVC's foreach key
     root: str = "data/raw"  # where torchvision-style datasets live or download to
     download: bool = False  # allow torchvision downloads
     val_fraction: float = 0.1  # held out of each training split for validation loss
@@ -120,11 +119,10 @@ class DataConfig:
     def validate(self, key: str = "data") -> None:
         self.base.validate(f"{key}.base")
         _check(0 < self.val_fraction < 0.5, f"{key}.val_fraction", "must be in (0, 0.5)")
-        seen = {self.base.name}
-        for i, d in enumerate(self.domains):
-            d.validate(f"{key}.domains[{i}]")
-            _check(d.name not in seen, f"{key}.domains[{i}].name", f"duplicate domain name {d.name!r}")
-            seen.add(d.name)
+        for name, d in self.domains.items():
+            d.name = name
+            d.validate(f"{key}.domains.{name}")
+            _check(name != self.base.name, f"{key}.domains.{name}", "a domain must not share the base's name")
 
 
 @dataclass
@@ -234,11 +232,9 @@ class Params:
         self.mlflow.validate()
 
     def domain(self, name: str) -> DomainConfig:
-        for d in self.data.domains:
-            if d.name == name:
-                return d
-        names = ", ".join(d.name for d in self.data.domains)
-        raise CdiffError(f"unknown domain {name!r}: params.yaml data.domains has {names}")
+        if name not in self.data.domains:
+            raise CdiffError(f"unknown domain {name!r}: params.yaml data.domains has {', '.join(self.data.domains)}")
+        return self.data.domains[name]
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -246,12 +242,23 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     if not path.is_file():
         raise CdiffError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise CdiffError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
     params = from_dict(Params, raw, "")
     params.validate()
     return params
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load, but a key given twice in one mapping is an error (YAML would keep the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+        for k in keys:
+            if keys.count(k) > 1:
+                raise CdiffError(f"duplicate key {k!r} in params.yaml (line {node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep=deep)
 
 
 def to_dict(obj) -> dict:
@@ -280,6 +287,11 @@ def _coerce(tp, value, key: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise CdiffError(f"{key}: expected a mapping, got {type(value).__name__}")
+        _, item = typing.get_args(tp)
+        return {str(k): _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise CdiffError(f"{key}: expected a list, got {type(value).__name__}")

@@ -256,7 +256,9 @@ def apply_transforms(data: ImageSet, specs: list[str], split: str) -> ImageSet:
 
     for name, arg in parse_transforms(specs):
         if name == "rotate":  # degrees counter-clockwise; multiples of 90 are exact
-            turned = torch.rot90(data.images, int(arg // 90), dims=(-2, -1)) if arg % 90 == 0 else rotate(data.images, arg)
+            turned = (
+                torch.rot90(data.images, int(arg // 90), dims=(-2, -1)) if arg % 90 == 0 else rotate(data.images, arg)
+            )
             data = ImageSet(turned.contiguous(), data.labels, data.class_names)
         elif name == "invert":
             data = ImageSet(255 - data.images, data.labels, data.class_names)

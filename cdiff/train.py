@@ -35,11 +35,16 @@ class EMA:
             if n in self.shadow:
                 self.shadow[n].lerp_(p.detach(), 1 - decay)
 
-    @torch.no_grad()
     def copy_to(self, model) -> None:
-        params = dict(model.named_parameters())
-        for n, v in self.shadow.items():
-            params[n].copy_(v)
+        apply_ema(model, self.shadow)
+
+
+@torch.no_grad()
+def apply_ema(model, shadow: dict[str, torch.Tensor]) -> None:
+    """Copy EMA weights (by parameter name) into the model."""
+    params = dict(model.named_parameters())
+    for n, v in shadow.items():
+        params[n].copy_(v.to(params[n].device))
 
 
 class BatchPlan:
@@ -83,6 +88,7 @@ class TrainState:
             "model": core.state_dict(),
             "ema": self.ema.shadow,
             "optimizer": self.optimizer.state_dict(),
+            "losses": torch.tensor(self.losses, dtype=torch.float64).reshape(-1, 2),
         }
 
 
@@ -106,6 +112,7 @@ def new_state(model, cfg: TrainConfig, resume: dict | None = None) -> TrainState
         state.ema.shadow = {k: v.clone() for k, v in resume["ema"].items()}
         optimizer.load_state_dict(resume["optimizer"])
         state.step = int(resume["step"])
+        state.losses = [(int(s), float(v)) for s, v in resume.get("losses", torch.empty(0, 2)).tolist()]
     return state
 
 

@@ -24,20 +24,53 @@ def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "cdiff", "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("sample", "info", "merge", "train", "examples:"):
         assert word in out
-    out = subprocess.run([sys.executable, "-m", "cdiff", "sample", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "cdiff", "sample", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "--guidance" in out and "classifier-free" in out
 
 
 def test_sample_writes_a_labelled_grid(model_dir, capsys):
     out = model_dir / "grid.png"
-    assert main(["sample", str(model_dir / "model"), "--class", "dog", "--class", "0", "--n", "3", "--steps", "4", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                str(model_dir / "model"),
+                "--class",
+                "dog",
+                "--class",
+                "0",
+                "--n",
+                "3",
+                "--steps",
+                "4",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     with Image.open(out) as im:
         assert im.width > 3 * 12 and im.height > 2 * 12
 
 
 def test_sample_with_adapter_and_ddpm(model_dir):
     out = model_dir / "a.png"
-    args = ["sample", str(model_dir / "model"), "--adapter", str(model_dir / "adapter"), "--class", "y", "--n", "2", "--sampler", "ddpm", "-o", str(out)]
+    args = [
+        "sample",
+        str(model_dir / "model"),
+        "--adapter",
+        str(model_dir / "adapter"),
+        "--class",
+        "y",
+        "--n",
+        "2",
+        "--sampler",
+        "ddpm",
+        "-o",
+        str(out),
+    ]
     assert main(args) == 0 and out.is_file()
 
 
@@ -74,4 +107,3 @@ def test_missing_paths_exit_2_without_traceback(model_dir, capsys):
     assert main(["info", str(model_dir / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("cdiff: error:") for line in err)
-

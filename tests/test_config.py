@@ -25,10 +25,10 @@ def test_default_params_load():
 @pytest.mark.parametrize(
     "edit,key",
     [
-        (lambda r: r["data"]["domains"][0]["lora"].update(r=0), "data.domains[0].lora.r"),
-        (lambda r: r["data"]["domains"][0].update(source="nope"), "data.domains[0].source"),
+        (lambda r: r["data"]["domains"]["digits"]["lora"].update(r=0), "data.domains.digits.lora.r"),
+        (lambda r: r["data"]["domains"]["digits"].update(source="nope"), "data.domains.digits.source"),
         (lambda r: r["train"]["base"].update(lr=-1.0), "train.base.lr"),
-        (lambda r: r["data"]["domains"].append(dict(r["data"]["domains"][0])), "data.domains[2].name"),
+        (lambda r: r["data"]["domains"]["digits"].update(transforms=["blur"]), "data.domains.digits.transforms[0]"),
         (lambda r: r["model"].update(n_ctx="four"), "model.n_ctx"),
         (lambda r: r["model"].update(colour=3), "model.colour"),
         (lambda r: r["sample"].update(guidance_scale=float("nan")), "sample.guidance_scale"),
@@ -39,6 +39,15 @@ def test_invalid_values_name_the_key(tmp_path, edit, key):
     with pytest.raises(CdiffError) as err:
         load_params(_write(tmp_path, edit))
     assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+def test_duplicate_domain_is_refused(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    block = text[text.index("    digits:") : text.index("    fashion-rot90:")]
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace(block, block + block))
+    with pytest.raises(CdiffError, match="duplicate key 'digits'"):
+        load_params(path)
 
 
 def test_broken_yaml_is_one_line(tmp_path):

@@ -46,7 +46,9 @@ def _folder(tmp_path, spec):
 def test_image_folder_mixed_modes_and_sizes_are_fitted(tmp_path):
     grey = Image.fromarray(np.full((10, 20), 200, np.uint8))
     rgb = Image.fromarray((np.zeros((40, 40, 3)) + [255, 0, 0]).astype(np.uint8))
-    spec = _folder(tmp_path, {"a": {f"{i}.png": grey for i in range(5)}, "b": {f"{i}.jpg": rgb.convert("RGB") for i in range(5)}})
+    spec = _folder(
+        tmp_path, {"a": {f"{i}.png": grey for i in range(5)}, "b": {f"{i}.jpg": rgb.convert("RGB") for i in range(5)}}
+    )
     (tmp_path / "a" / "notes.txt").write_text("not an image: ignored")
     data = load_source(spec, "train", 16, 1)
     test = load_source(spec, "test", 16, 1)

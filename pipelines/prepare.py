@@ -1,0 +1,51 @@
+"""Stage prepare: load a source, apply its domain transforms, write train/val/test tensors with fingerprints.
+
+python -m pipelines.prepare base        # the base dataset (data.base)
+python -m pipelines.prepare DOMAIN      # one domain (data.domains.DOMAIN)
+"""
+
+import sys
+
+from cdiff.data import prepare_domain, save_imageset
+from cdiff.io import atomic_dir, write_json
+from pipelines.common import Paths, mkdirs, params, stage
+
+
+@stage
+def main(name: str) -> None:
+    p = params()
+    domain = p.data.base if name == "base" else p.domain(name)
+    sets = prepare_domain(
+        domain.source,
+        domain.transforms,
+        p.model.image_size,
+        p.model.channels,
+        p.data.root,
+        p.data.download,
+        p.data.val_fraction,
+        p.seed,
+    )
+    if len(sets["train"].class_names) > p.model.num_classes:
+        from cdiff.errors import CdiffError
+
+        raise CdiffError(
+            f"{domain.source} has {len(sets['train'].class_names)} classes; model.num_classes is {p.model.num_classes}"
+        )
+    mkdirs(Paths.prepared)
+    with atomic_dir(Paths.prepared / domain.name) as out:
+        summary = {split: {"count": len(s), "fingerprint": save_imageset(s, out, split)} for split, s in sets.items()}
+        write_json(
+            out / "summary.json",
+            {
+                "source": domain.source,
+                "transforms": domain.transforms,
+                "class_names": sets["train"].class_names,
+                "splits": summary,
+            },
+        )
+    counts = ", ".join(f"{k} {v['count']}" for k, v in summary.items())
+    print(f"prepared {domain.name} ({domain.source}): {counts}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,128 @@
+"""End to end: `dvc repro` on tiny params in a temp git repo, then the DAG's caching, MLflow and the registry."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _run(args, cwd, env):
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    work = tmp_path_factory.mktemp("project")
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file() and not f.startswith(("dvc.lock", "metrics/", "plots/", "tune/", "runs/")):
+            (work / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, work / f)
+    shutil.copy(ROOT / "tests" / "tiny_params.yaml", work / "params.yaml")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
+        _run(cmd, work, env)
+    _run(["dvc", "repro"], work, env)
+    return work, env
+
+
+def test_every_output_exists(project):
+    work, _ = project
+    for domain in ("inverted", "rotated"):
+        for path in (
+            f"adapters/{domain}/adapter.safetensors",
+            f"tune/{domain}/best.json",
+            f"samples/{domain}/base.png",
+            f"samples/{domain}/adapter.png",
+            f"metrics/{domain}.json",
+            f"plots/finetune-{domain}_loss.csv",
+        ):
+            assert (work / path).is_file(), path
+    for path in (
+        "models/base/model.safetensors",
+        "metrics/pretrain.json",
+        "plots/pretrain_loss.csv",
+        "samples/base.png",
+    ):
+        assert (work / path).is_file(), path
+    curve = (work / "plots/pretrain_loss.csv").read_text().splitlines()
+    assert curve[0] == "step,loss" and len(curve) == 1 + 30 // 5
+
+
+def test_mlflow_runs_registry_and_aliases(project):
+    work, env = project
+    code = f"""
+import json, mlflow
+from mlflow.tracking import MlflowClient
+mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
+c = MlflowClient()
+runs = mlflow.search_runs(experiment_names=["cdiff-test"])
+ft = runs[runs["tags.stage"] == "finetune"]
+trials = runs[runs["tags.stage"] == "tune-trial"]
+out = dict(
+    stages=sorted(set(runs["tags.stage"])),
+    finetune_domains=sorted(ft["tags.domain"]),
+    test_loss=[float(v) for v in ft["metrics.test_loss_adapter"]],
+    commit=sorted(set(runs["tags.git_commit"])),
+    trial_parents=sorted(set(trials["tags.mlflow.parentRunId"])),
+    tune_runs=sorted(runs[runs["tags.stage"] == "tune"]["run_id"]),
+    curve=len(c.get_metric_history(runs[runs["tags.stage"] == "pretrain"]["run_id"].iloc[0], "loss")),
+    artifacts=sorted(a.path for a in c.list_artifacts(ft["run_id"].iloc[0])),
+    base_alias=c.get_registered_model("cdiff-base").aliases,
+    champion={{d: c.get_model_version_by_alias("cdiff-adapter-" + d, "champion").version for d in ("inverted", "rotated")}},
+)
+print(json.dumps(out))
+"""
+    info = json.loads(_run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
+    assert info["stages"] == ["finetune", "pretrain", "tune", "tune-trial"]
+    assert info["finetune_domains"] == ["inverted", "rotated"] and all(v > 0 for v in info["test_loss"])
+    assert len(info["commit"]) == 1 and len(info["commit"][0]) == 40
+    assert info["trial_parents"] == info["tune_runs"]  # every trial is a child of its domain's tune run
+    assert info["curve"] == 30 // 5
+    assert {"adapter", "samples"} <= set(info["artifacts"])
+    assert "adapters" in info["base_alias"] and {k: int(v) for k, v in info["champion"].items()} == {
+        "inverted": 1,
+        "rotated": 1,
+    }
+    table = _run([sys.executable, "-m", "pipelines.compare"], work, env)
+    assert "inverted" in table and "rotated" in table and "test_loss_adapter" in table
+
+
+def test_second_repro_is_a_noop_and_status_clean(project):
+    work, env = project
+    out = _run(["dvc", "repro"], work, env)
+    assert "Running stage" not in out
+    assert "up to date" in _run(["dvc", "status"], work, env)
+
+
+def test_one_domain_change_reruns_only_that_domain(project):
+    work, env = project
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["data"]["domains"]["rotated"]["lora"]["dropout"] = 0.1
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], work, env)
+    ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
+    assert ran == ["evaluate@rotated", "finetune@rotated", "sample@rotated", "tune@rotated"], out[-2000:]
+    assert "up to date" in _run(["dvc", "status"], work, env)
