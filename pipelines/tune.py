@@ -16,27 +16,46 @@ from cdiff.config import TrainConfig
 from cdiff.data import load_imageset
 from cdiff.io import write_json
 from cdiff.lora import inject_lora
+from cdiff.model import UNet
+from cdiff.schedule import NoiseSchedule
 from cdiff.train import train, validation_loss
 from pipelines import tracking
 from pipelines.common import Paths, mkdirs, params, ray_session, stage, storage_path
 
 
-def trial(config, *, base_dir, domain, data, lora, cfg, seed, val_images, p_uncond):
+def trial(config, *, base, data, lora, cfg, seed, val_images, use_gpu):
+    """One Tune trial: LoRA on the base (shipped through Ray's object store), validated every eval_every steps."""
     from ray import tune
 
     torch.set_num_threads(1)
-    model, schedule, _ = load_model(base_dir)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    model_cfg, base_state, diffusion = base
+    model = UNet(model_cfg)
+    model.load_state_dict(base_state)
+    schedule = NoiseSchedule(diffusion)
     train_set, val_set = data
     model.prompt.class_names = list(train_set.class_names)
     r, alpha = config["r"], config["alpha_ratio"] * config["r"]
     inject_lora(model, lora.targets, r, alpha, lora.dropout, lora.extra_trainable)
     run_cfg = dataclasses.replace(cfg, lr=config["lr"])
 
+    model.to(device)
+
     def report(step, metrics):
-        val = validation_loss(model, schedule, val_set, val_images, seed=seed)
+        val = validation_loss(model, schedule, val_set, val_images, seed=seed, device=device)
         tune.report({"val_loss": val, "train_loss": metrics["loss"], "step": step})
 
-    train(model, schedule, train_set, run_cfg, seed=seed, p_uncond=p_uncond, on_log=report, progress=False)
+    train(
+        model,
+        schedule,
+        train_set,
+        run_cfg,
+        seed=seed,
+        p_uncond=diffusion.p_uncond,
+        device=device,
+        on_log=report,
+        progress=False,
+    )
 
 
 @stage
@@ -66,16 +85,17 @@ def main(name: str) -> None:
     start = {"r": domain.lora.r, "alpha_ratio": domain.lora.alpha / domain.lora.r, "lr": p.train.lora.lr}  # trial 0
     mkdirs(Paths.tune / name)
     with tracking.stage_run(p, "tune", name) as parent, ray_session(p):
+        base_model, schedule, _ = load_model(Paths.base_model)
+        base = (base_model.config, base_model.state_dict(), schedule.config)
         trainable = tune.with_parameters(
             trial,
-            base_dir=str(Paths.base_model),
-            domain=name,
+            base=base,
             data=data,
             lora=domain.lora,
             cfg=cfg,
             seed=p.seed,
             val_images=t.val_images,
-            p_uncond=p.diffusion.p_uncond,
+            use_gpu=p.ray.use_gpu,
         )
         tuner = tune.Tuner(
             tune.with_resources(trainable, {"cpu": 1, "gpu": 1 if p.ray.use_gpu else 0}),
