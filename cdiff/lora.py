@@ -28,10 +28,13 @@ class LoRALinear(nn.Module):
         self.base_layer = base_layer
         self.r, self.lora_alpha = r, lora_alpha
         self.scale = 1.0  # run-time strength of the adapter; 0 turns it off
-        a = torch.empty(r, base_layer.in_features)
+        like = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
+        a = torch.empty(r, base_layer.in_features, **like)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear(in, r) would be initialised
         self.lora_A = nn.Parameter(a.T.contiguous())  # (in, r)
-        self.lora_B = nn.Parameter(torch.zeros(r, base_layer.out_features))  # (r, out): a fresh adapter is a no-op
+        self.lora_B = nn.Parameter(
+            torch.zeros(r, base_layer.out_features, **like)
+        )  # (r, out): a fresh adapter is a no-op
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._unmerged_weight: torch.Tensor | None = None
 

@@ -114,3 +114,10 @@ def test_merge_and_unload_gives_plain_model(tiny_model):
     merge_and_unload(tiny_model)
     assert not any(isinstance(m, LoRALinear) for m in tiny_model.modules())
     assert (tiny_model(X, T, Y) - expected).abs().max() < 1e-5
+
+
+def test_lora_follows_the_base_layers_device_and_dtype():
+    layer = LoRALinear(nn.Linear(4, 3).double(), r=2, lora_alpha=2)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
+    assert layer.lora_A.device == layer.base_layer.weight.device
+    assert layer(torch.randn(5, 4, dtype=torch.float64)).shape == (5, 3)
