@@ -89,7 +89,7 @@ class _LoraState:
 
 
 def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.0, extra_trainable=()) -> list[str]:
-    """Wrap every nn.Linear whose last name part is in `targets`; freeze all but lora_A, lora_B and extras.
+    """Wrap every nn.Linear whose name ends with a target ("w_q", "attn.feedforward.0"); freeze all but LoRA and extras.
 
     `extra_trainable` names whole modules (e.g. "prompt") that train too and are saved with the adapter.
     Returns the injected module names.
@@ -101,7 +101,7 @@ def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.
         p.requires_grad_(False)
     injected = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.split(".")[-1] in targets:
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
             parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
             setattr(parent, name.rpartition(".")[2], LoRALinear(module, r, alpha, dropout))
             injected.append(name)

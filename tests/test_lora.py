@@ -121,3 +121,9 @@ def test_lora_follows_the_base_layers_device_and_dtype():
     assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float64
     assert layer.lora_A.device == layer.base_layer.weight.device
     assert layer(torch.randn(5, 4, dtype=torch.float64)).shape == (5, 3)
+
+
+def test_targets_match_module_name_suffixes(tiny_model):
+    names = inject_lora(tiny_model, targets=("w_o", "attn.feedforward.0"), r=1, alpha=1)
+    assert len(names) == 2 * 5
+    assert all(n.endswith(("attn.w_o", "attn.feedforward.0")) for n in names)
