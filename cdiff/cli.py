@@ -181,6 +181,8 @@ def cmd_merge(args) -> None:
 
 
 def cmd_train(args) -> None:
+    import torch
+
     from cdiff.checkpoint import save_model
     from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig, load_params
     from cdiff.data import load_source
@@ -197,8 +199,6 @@ def cmd_train(args) -> None:
         train_cfg.steps = args.steps
     data = load_source(args.source, "train", model_cfg.image_size, model_cfg.channels, args.data_root)
     model_cfg.num_classes = len(data.class_names)
-    import torch
-
     torch.manual_seed(args.seed)
     model = UNet(model_cfg, data.class_names)
     state = train(model, NoiseSchedule(diffusion), data, train_cfg, seed=args.seed, p_uncond=diffusion.p_uncond)

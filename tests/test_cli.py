@@ -107,3 +107,11 @@ def test_missing_paths_exit_2_without_traceback(model_dir, capsys):
     assert main(["info", str(model_dir / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("cdiff: error:") for line in err)
+
+
+def test_train_writes_a_loadable_model(tmp_path):
+    from cdiff.checkpoint import load_model
+
+    assert main(["train", "--source", "sklearn-digits", "--steps", "2", "-o", str(tmp_path / "m")]) == 0
+    model, _, config = load_model(tmp_path / "m")
+    assert model.class_names == [str(i) for i in range(10)] and config["model"]["image_size"] == 28
