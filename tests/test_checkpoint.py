@@ -46,3 +46,22 @@ def test_corrupt_weights_fail_the_fingerprint(tiny_model, tmp_path):
 def test_missing_folder_is_one_line_error(tmp_path):
     with pytest.raises(CdiffError, match="model folder not found"):
         load_model(tmp_path / "nope")
+
+
+def test_truncated_weights_and_config_are_refused(tiny_model, tmp_path):
+    save_model(tiny_model, DiffusionConfig(), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CdiffError, match="not a valid safetensors file"):
+        load_model(tmp_path / "m")
+    save_model(tiny_model, DiffusionConfig(), tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text('{"format": "cdiff-mod')
+    with pytest.raises(CdiffError, match="not valid JSON"):
+        load_model(tmp_path / "m")
+
+
+def test_foreign_folder_is_not_taken_for_a_model(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text('{"_class_name": "UNet2DModel"}')
+    with pytest.raises(CdiffError, match="not a cdiff model folder"):
+        load_model(tmp_path / "m")

@@ -127,3 +127,20 @@ def test_targets_match_module_name_suffixes(tiny_model):
     names = inject_lora(tiny_model, targets=("w_o", "attn.feedforward.0"), r=1, alpha=1)
     assert len(names) == 2 * 5
     assert all(n.endswith(("attn.w_o", "attn.feedforward.0")) for n in names)
+
+
+def test_corrupt_or_pickled_adapter_files_are_refused(tiny_model, tmp_path):
+    import pickle
+
+    inject_lora(tiny_model, r=2, alpha=2)
+    save_adapter(tiny_model, tmp_path / "a")
+    unload_lora(tiny_model)
+    weights = tmp_path / "a" / "adapter.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])
+    with pytest.raises(CdiffError, match="not a valid safetensors file"):
+        load_adapter(tiny_model, tmp_path / "a")
+    weights.write_bytes(pickle.dumps({"lora_A": [1, 2, 3]}))
+    with pytest.raises(CdiffError, match="not a valid safetensors file"):
+        load_adapter(tiny_model, tmp_path / "a")
+    assert getattr(tiny_model, "_cdiff_lora", None) is None  # nothing half-loaded
