@@ -146,6 +146,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank != 0, leave=False)
     while state.step < cfg.steps:
         step = state.step
+        torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)  # dropout masks: a function of (seed, step, rank)
         mine = slice(rank, None, world_size)  # this worker's share of the global batch
         index = plan.global_batch(step)[mine]
         t, noise, u = (v[mine] for v in step_noise(step, seed, cfg.batch_size, images.shape[1:], schedule.timesteps))

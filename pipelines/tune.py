@@ -36,6 +36,7 @@ def trial(config, *, base, data, lora, cfg, seed, val_images, use_gpu):
     train_set, val_set = data
     model.prompt.class_names = list(train_set.class_names)
     r, alpha = config["r"], config["alpha_ratio"] * config["r"]
+    torch.manual_seed(seed)  # the adapter's initialisation: trials are reproducible
     inject_lora(model, lora.targets, r, alpha, lora.dropout, lora.extra_trainable)
     run_cfg = dataclasses.replace(cfg, lr=config["lr"])
 

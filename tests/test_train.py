@@ -92,3 +92,16 @@ def test_batch_plan_shards_union_to_the_global_batch():
     assert sorted(seen.tolist()) == sorted(list(range(10)) * 2)
     g = plan.global_batch(3)
     assert torch.equal(torch.cat([g[0::2], g[1::2]]).sort().values, g.sort().values)
+
+
+def test_lora_dropout_training_is_reproducible(schedule):
+    data, cfg = _toy_data(), TrainConfig(steps=4, batch_size=8, warmup_steps=0)
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = UNet(tiny_config())
+        inject_lora(model, r=2, alpha=2, dropout=0.5)
+        torch.manual_seed(123 + len(weights))  # whatever the global RNG held before training
+        train(model, schedule, data, cfg, seed=0, p_uncond=0.1, progress=False)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
