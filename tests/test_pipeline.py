@@ -1,5 +1,6 @@
 """End to end: `dvc repro` on tiny params in a temp git repo, then the DAG's caching, MLflow and the registry."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -115,6 +116,23 @@ def test_second_repro_is_a_noop_and_status_clean(project):
     out = _run(["dvc", "repro"], work, env)
     assert "Running stage" not in out
     assert "up to date" in _run(["dvc", "status"], work, env)
+
+
+def test_forced_rerun_from_scratch_is_bit_identical(project):
+    work, env = project
+    outputs = [
+        "models/base/model.safetensors",
+        "adapters/inverted/adapter.safetensors",
+        "adapters/rotated/adapter.safetensors",
+        "tune/inverted/best.json",
+        "metrics/inverted.json",
+        "metrics/rotated.json",
+    ]
+    before = {f: hashlib.sha256((work / f).read_bytes()).hexdigest() for f in outputs}
+    shutil.rmtree(work / "ray_results")  # no checkpoint to resume from: every stage trains anew
+    _run(["dvc", "repro", "--force"], work, env)
+    after = {f: hashlib.sha256((work / f).read_bytes()).hexdigest() for f in outputs}
+    assert before == after
 
 
 def test_one_domain_change_reruns_only_that_domain(project):
