@@ -129,10 +129,11 @@ def cmd_sample(args) -> None:
 
     from cdiff.checkpoint import load_model
     from cdiff.grid import save_grid
+    from cdiff.io import check_output_folder
     from cdiff.lora import load_adapter, merge_lora
     from cdiff.samplers import sample
 
-    _check_output(args.output)
+    check_output_folder(args.output)  # before minutes of sampling, not after
     model, schedule, _ = load_model(args.model, args.device)
     if args.adapter is not None:
         load_adapter(model, args.adapter)
@@ -204,11 +205,6 @@ def cmd_train(args) -> None:
     state = train(model, NoiseSchedule(diffusion), data, train_cfg, seed=args.seed, p_uncond=diffusion.p_uncond)
     save_model(model, diffusion, args.output)
     print(f"wrote {args.output} (final loss {state.losses[-1][1]:.4f} after {state.step} steps)")
-
-
-def _check_output(path: Path) -> None:
-    if not path.parent.is_dir():
-        raise CdiffError(f"output folder {path.parent} does not exist: create it first")
 
 
 COMMANDS = {"sample": cmd_sample, "info": cmd_info, "merge": cmd_merge, "train": cmd_train}

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,14 @@ import torch
 from cdiff.errors import CdiffError
 
 
+def check_output_folder(path: Path) -> None:
+    """Fail early, in one line, when `path` cannot be written because of its folder."""
+    if not path.parent.is_dir():
+        raise CdiffError(f"output folder {path.parent} does not exist: create it first")
+    if not os.access(path.parent, os.W_OK):
+        raise CdiffError(f"output folder {path.parent} is not writable: choose another output path")
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path` in one `os.replace`.
@@ -22,10 +31,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     A crash or exception leaves the old file (or nothing), never a half-written one.
     """
     path = Path(path)
-    if not path.parent.is_dir():
-        raise CdiffError(f"output folder {path.parent} does not exist: create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise CdiffError(f"output folder {path.parent} is not writable: choose another output path")
+    check_output_folder(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -67,13 +73,8 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; on success it takes `path`'s place (old content removed)."""
-    import shutil
-
     path = Path(path)
-    if not path.parent.is_dir():
-        raise CdiffError(f"output folder {path.parent} does not exist: create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise CdiffError(f"output folder {path.parent} is not writable: choose another output path")
+    check_output_folder(path)
     if path.exists() and not path.is_dir():
         raise CdiffError(f"{path} exists and is not a folder: choose another output path")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
