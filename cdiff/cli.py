@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   cdiff sample models/base --adapter adapters/digits --sampler ddim --steps 50 --guidance 2 -o digits.png
   cdiff info adapters/digits
   cdiff merge models/base adapters/digits -o models/base-digits
+  cdiff compare                      # every domain of the last `dvc repro`: FID, GAN-test, goals
 
 Errors are one line; set CDIFF_DEBUG=1 (or pass --debug) for the traceback."""
 
@@ -121,7 +122,59 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data-root", default="data/raw", help="where torchvision-style datasets live")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("-o", "--output", type=Path, required=True, help="output model folder")
+    c = sub.add_parser(
+        "compare",
+        help="compare every domain's adapter with its base, full fine-tune and floor (from reports/summary.json)",
+        description="Print one row per domain from a pipeline run's reports/summary.json: FID (judge features) of "
+        "the real floor, the base alone, the adapter and the full fine-tune; GAN-test accuracy; trainable share; "
+        "and which quality goals were met. For every past run, use the MLflow UI or `python -m pipelines.compare`.",
+    )
+    c.add_argument(
+        "summary", type=Path, nargs="?", default=Path("reports/summary.json"), help="default reports/summary.json"
+    )
+    c.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
+
+
+def cmd_compare(args) -> None:
+    from cdiff.io import read_json
+
+    summary = read_json(args.summary, "run summary (made by `dvc repro`, stage report)")
+    try:
+        rows = [
+            {
+                "domain": name,
+                "fid_floor": d["metrics"]["fid_floor"],
+                "fid_base": d["metrics"]["fid_base"],
+                "fid_adapter": d["metrics"]["fid_adapter"],
+                "fid_full": d["metrics"].get("full_fid"),
+                "gan_test": d["metrics"]["gan_test_adapter"],
+                "judge_acc": d["metrics"]["judge_test_accuracy"],
+                "r": d["metrics"]["r"],
+                "alpha": d["metrics"]["alpha"],
+                "share": d["metrics"]["trainable_share"],
+                "goals_met": f"{sum(g['met'] for g in d['goals'])}/{len(d['goals'])}",
+            }
+            for name, d in summary["domains"].items()
+        ]
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CdiffError(f"{args.summary} lacks {e}: rerun `dvc repro` to regenerate it") from e
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    header = list(rows[0]) if rows else ["domain"]
+    cells = [[_cell(r[h]) for h in header] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+    print(f"({summary.get('settings', '')}; FID: lower is better, in the judge's feature space)")
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def cmd_sample(args) -> None:
@@ -207,7 +260,7 @@ def cmd_train(args) -> None:
     print(f"wrote {args.output} (final loss {state.losses[-1][1]:.4f} after {state.step} steps)")
 
 
-COMMANDS = {"sample": cmd_sample, "info": cmd_info, "merge": cmd_merge, "train": cmd_train}
+COMMANDS = {"sample": cmd_sample, "info": cmd_info, "merge": cmd_merge, "train": cmd_train, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

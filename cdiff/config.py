@@ -123,6 +123,7 @@ class DataConfig:
             d.name = name
             d.validate(f"{key}.domains.{name}")
             _check(name != self.base.name, f"{key}.domains.{name}", "a domain must not share the base's name")
+            _check(name != "base", f"{key}.domains.{name}", "'base' names the base dataset: choose another name")
 
 
 @dataclass
@@ -167,11 +168,47 @@ class SampleConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """The small CNN classifier that judges samples: GAN-test accuracy and FID in its feature space."""
+
+    steps: int = 800
+    batch_size: int = 128
+    lr: float = 2e-3
+    width: int = 32  # channels of its first conv layer (then 2x)
+    features: int = 64  # width of the penultimate layer: the FID feature space
+
+    def validate(self, key: str = "judge") -> None:
+        for name in ("steps", "batch_size", "width", "features"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
+        _check(self.lr > 0 and math.isfinite(self.lr), f"{key}.lr", "must be a positive number")
+
+
+@dataclass
 class EvaluateConfig:
     val_images: int = 512  # held-out images for the deterministic validation loss
+    fid_per_class: int = 30  # generated (and real-train floor) images per class for FID and GAN-test accuracy
+    sweep_per_class: int = 6  # images per class for each point of the base's guidance and sampler sweeps
+    guidance_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    sampler_sweep: list[str] = field(default_factory=lambda: ["ddpm", "ddim-20", "ddim-50", "ddim-100"])
+    full_finetune: list[str] = field(default_factory=list)  # domains that also get a full fine-tune reference
 
     def validate(self, key: str = "evaluate") -> None:
-        _check(self.val_images >= 1, f"{key}.val_images", "must be at least 1")
+        for name in ("val_images", "fid_per_class", "sweep_per_class"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
+        for g in self.guidance_sweep:
+            _check(math.isfinite(g) and g >= 0, f"{key}.guidance_sweep", "entries must be numbers >= 0")
+        for spec in self.sampler_sweep:
+            parse_sampler(spec, f"{key}.sampler_sweep")
+
+
+def parse_sampler(spec: str, key: str = "sampler") -> tuple[str, int | None]:
+    """'ddpm' -> ('ddpm', None) (all T steps); 'ddim-50' -> ('ddim', 50)."""
+    name, _, steps = spec.partition("-")
+    if name == "ddpm" and not steps:
+        return "ddpm", None
+    if name == "ddim" and steps.isdigit() and int(steps) >= 1:
+        return "ddim", int(steps)
+    raise CdiffError(f"{key}: unknown sampler {spec!r}: use ddpm or ddim-N (e.g. ddim-50)")
 
 
 @dataclass
@@ -204,6 +241,7 @@ class MlflowConfig:
 class TrainSection:
     base: TrainConfig = field(default_factory=TrainConfig)
     lora: TrainConfig = field(default_factory=TrainConfig)
+    full: TrainConfig = field(default_factory=TrainConfig)  # the full fine-tune reference (evaluate.full_finetune)
 
 
 @dataclass
@@ -215,6 +253,7 @@ class Params:
     train: TrainSection = field(default_factory=TrainSection)
     tune: TuneConfig = field(default_factory=TuneConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -227,7 +266,11 @@ class Params:
         self.train.lora.validate("train.lora")
         self.tune.validate()
         self.sample.validate()
+        self.train.full.validate("train.full")
+        self.judge.validate()
         self.evaluate.validate()
+        for name in self.evaluate.full_finetune:
+            _check(name in self.data.domains, "evaluate.full_finetune", f"{name!r} is not a domain in data.domains")
         self.ray.validate()
         self.mlflow.validate()
 

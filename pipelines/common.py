@@ -26,6 +26,19 @@ class Paths:
     metrics = ROOT / "metrics"
     plots = ROOT / "plots"
     runs = ROOT / "runs"  # MLflow run ids, so later stages log onto the right runs
+    judges = ROOT / "models" / "judge"  # one classifier per dataset: GAN-test accuracy and FID features
+    full = ROOT / "models" / "full"  # full fine-tune references (evaluate.full_finetune)
+    reports = ROOT / "reports"
+
+
+def dataset_name(p: Params, name: str) -> str:
+    """'base' -> the base dataset's name; a domain name stays itself."""
+    return p.data.base.name if name == "base" else p.domain(name).name
+
+
+def sampler_spec(p: Params) -> str:
+    """The pipeline's sampling settings as one spec: 'ddpm' or 'ddim-N'."""
+    return "ddpm" if p.sample.sampler == "ddpm" else f"ddim-{p.sample.steps}"
 
 
 def params() -> Params:

@@ -1,7 +1,7 @@
 """Compare every domain's adapters from MLflow: `python -m pipelines.compare [--domain D]`.
 
-One row per finetune run (rank, alpha, lr, trainable parameters, validation and test losses),
-best first within each domain. The MLflow UI's compare view shows the same runs side by side.
+One row per finetune run (rank, alpha, lr, trainable parameters, losses, judge FID and GAN-test
+accuracy), lowest FID first within each domain. The MLflow UI's compare view shows the same runs side by side.
 """
 
 import argparse
@@ -22,6 +22,9 @@ COLUMNS = {
     "metrics.val_loss": "val_loss",
     "metrics.test_loss_base": "test_loss_base",
     "metrics.test_loss_adapter": "test_loss_adapter",
+    "metrics.fid_base": "fid_base",
+    "metrics.fid_adapter": "fid_adapter",
+    "metrics.gan_test_adapter": "gan_test",
     "tags.git_commit": "commit",
     "run_id": "run_id",
 }
@@ -34,7 +37,7 @@ def adapters_table(experiment: str, domain: str | None = None) -> pd.DataFrame:
         return pd.DataFrame(columns=list(COLUMNS.values()))
     table = runs.reindex(columns=list(COLUMNS)).rename(columns=COLUMNS)
     table["commit"] = table["commit"].str[:8]
-    return table.sort_values(["domain", "test_loss_adapter", "val_loss"], na_position="last").reset_index(drop=True)
+    return table.sort_values(["domain", "fid_adapter", "test_loss_adapter"], na_position="last").reset_index(drop=True)
 
 
 @stage

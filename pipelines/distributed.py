@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from ray.train import UserCallback
 
 from cdiff.config import DiffusionConfig, LoraConfig, ModelConfig, Params, TrainConfig, from_dict, to_dict
 from cdiff.data import ImageSet
@@ -102,23 +103,26 @@ def train_fn(config: dict) -> None:
         on_checkpoint(state)
 
 
-class MlflowCurveCallback:
-    """Logs the loss curve to an MLflow run from Ray's controller (one writer, no lost points)."""
+class MlflowCurveCallback(UserCallback):
+    """Logs the loss curve onto an MLflow run from Ray's controller: one writer, every step once.
 
-    def __new__(cls, tracking_uri: str, run_id: str, prefix: str):
-        from ray.train import UserCallback
+    After a worker failure Ray restarts from the latest checkpoint and trains the steps after it
+    again, with the same numbers (a step's randomness is a function of (seed, step)). Points of
+    steps already logged are skipped, so the run keeps one continuous history.
+    """
 
-        class _Callback(UserCallback):
-            def after_report(self, run_context, metrics, checkpoint):
-                from mlflow.entities import Metric
-                from mlflow.tracking import MlflowClient
+    def __init__(self, tracking_uri: str, run_id: str, prefix: str = ""):
+        self.tracking_uri, self.run_id, self.prefix = tracking_uri, run_id, prefix
+        self.last_step = 0
 
-                curve = metrics[0].get("curve", []) if metrics else []
-                if curve:
-                    batch = [Metric(f"{prefix}loss", float(v), 0, int(s)) for s, v in curve]
-                    MlflowClient(tracking_uri).log_batch(run_id, metrics=batch)
+    def after_report(self, run_context, metrics, checkpoint):
+        from pipelines.tracking import log_curve
 
-        return _Callback()
+        curve = [(int(s), float(v)) for s, v in (metrics[0].get("curve", []) if metrics else [])]
+        new = [(s, v) for s, v in curve if s > self.last_step]
+        if new:
+            log_curve(self.run_id, f"{self.prefix}loss", new, self.tracking_uri)
+            self.last_step = new[-1][0]
 
 
 def run_name(kind: str, config: dict, data: ImageSet) -> str:
@@ -148,7 +152,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.tracking import tracking_uri
+    from pipelines.tracking import log_missing, tracking_uri
 
     config = {
         "seed": p.seed,
@@ -183,8 +187,11 @@ def fit(
     result = trainer.fit()
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    curve = [(int(s), float(v)) for s, v in state["losses"].tolist()]
+    if mlflow_run_id:  # a stage resumed from a checkpoint logs the steps trained before it, too
+        log_missing(mlflow_run_id, f"{curve_prefix}loss", curve, tracking_uri())
     config["base_state"] = base_state
     model = build_model(config)
     model.load_state_dict(state["model"])
     apply_ema(model, state["ema"])
-    return model.eval(), [(int(s), float(v)) for s, v in state["losses"].tolist()]
+    return model.eval(), curve

@@ -7,6 +7,7 @@ python -m pipelines.prepare DOMAIN      # one domain (data.domains.DOMAIN)
 import sys
 
 from cdiff.data import prepare_domain, save_imageset
+from cdiff.errors import CdiffError
 from cdiff.io import atomic_dir, write_json
 from pipelines.common import Paths, mkdirs, params, stage
 
@@ -26,8 +27,6 @@ def main(name: str) -> None:
         p.seed,
     )
     if len(sets["train"].class_names) > p.model.num_classes:
-        from cdiff.errors import CdiffError
-
         raise CdiffError(
             f"{domain.source} has {len(sets['train'].class_names)} classes; model.num_classes is {p.model.num_classes}"
         )

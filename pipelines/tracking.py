@@ -13,6 +13,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from cdiff.config import Params, to_dict
+from cdiff.errors import CdiffError
 from cdiff.io import write_json
 from pipelines.common import PARAMS_FILE, ROOT
 
@@ -22,8 +23,27 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{ROOT / 'mlflow.db'}"
 
 
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that is down fails the stage here, in one line, before any training starts."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise CdiffError(
+            f"MLflow tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI "
+            "to log to the local sqlite store"
+        ) from e
+
+
 def setup(p: Params) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    check_server(tracking_uri())
     mlflow.set_tracking_uri(tracking_uri())
     if "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_experiment_by_name(p.mlflow.experiment) is None:
         # the embedded default keeps artifacts beside mlflow.db, whatever folder a stage runs in
@@ -72,13 +92,23 @@ def stage_run(p: Params, stage: str, domain: str | None = None, run_name: str | 
         yield run
 
 
-def log_curve(run_id: str, name: str, points: list[tuple[int, float]]) -> None:
+def log_curve(run_id: str, name: str, points: list[tuple[int, float]], uri: str | None = None) -> None:
+    """Log (step, value) points as one metric's history, in batches MLflow accepts."""
     from mlflow.entities import Metric
 
-    client = MlflowClient()
+    client = MlflowClient(uri)
     batch = [Metric(name, float(v), 0, int(s)) for s, v in points]
     for i in range(0, len(batch), 900):
         client.log_batch(run_id, metrics=batch[i : i + 900])
+
+
+def log_missing(run_id: str, name: str, points: list[tuple[int, float]], uri: str | None = None) -> int:
+    """Log the points whose steps the run's history lacks (after a resumed stage); returns how many."""
+    have = {m.step for m in MlflowClient(uri).get_metric_history(run_id, name)}
+    missing = [(s, v) for s, v in points if s not in have]
+    if missing:
+        log_curve(run_id, name, missing, uri)
+    return len(missing)
 
 
 def register(name: str, run_id: str, artifact_path: str, tags: dict[str, str]) -> str:

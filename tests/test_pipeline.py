@@ -66,10 +66,39 @@ def test_every_output_exists(project):
         "metrics/pretrain.json",
         "plots/pretrain_loss.csv",
         "samples/base.png",
+        "models/judge/digits/judge.safetensors",
+        "models/judge/rotated/judge.safetensors",
+        "metrics/base.json",
+        "plots/sweep_sampler.csv",
+        "models/full/inverted/model.safetensors",
+        "metrics/full-inverted.json",
+        "samples/full-inverted.png",
+        "reports/report.md",
+        "reports/summary.json",
+        "reports/base/sweep_sampler.png",
+        "reports/inverted/samples.png",
+        "reports/rotated/report.md",
     ):
         assert (work / path).is_file(), path
+    assert not (work / "models/full/rotated").exists()  # only the domains in evaluate.full_finetune
     curve = (work / "plots/pretrain_loss.csv").read_text().splitlines()
     assert curve[0] == "step,loss" and len(curve) == 1 + 30 // 5
+
+
+def test_metrics_and_report_hold_judge_scores_and_goals(project):
+    work, _ = project
+    m = json.loads((work / "metrics/inverted.json").read_text())
+    for key in ("fid_floor", "fid_base", "fid_adapter", "gan_test_adapter", "judge_test_accuracy"):
+        assert isinstance(m[key], float) and m[key] >= 0, key
+    assert set(m["gan_test_per_class"]["adapter"]) == {str(i) for i in range(10)}
+    sweep = (work / "plots/sweep_sampler.csv").read_text().splitlines()
+    assert sweep[0] == "sampler,fid,gan_test,seconds" and [r.split(",")[0] for r in sweep[1:]] == ["ddpm", "ddim-5"]
+    summary = json.loads((work / "reports/summary.json").read_text())
+    goals = summary["domains"]["inverted"]["goals"]
+    assert len(goals) == 4 and all(isinstance(g["met"], bool) for g in goals)  # with the full fine-tune goal
+    assert len(summary["domains"]["rotated"]["goals"]) == 3
+    report = (work / "reports/report.md").read_text()
+    assert f"{m['fid_adapter']:.4g}" in report and "Quality goals" in report
 
 
 def test_mlflow_runs_registry_and_aliases(project):
@@ -97,18 +126,18 @@ out = dict(
 print(json.dumps(out))
 """
     info = json.loads(_run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
-    assert info["stages"] == ["finetune", "pretrain", "tune", "tune-trial"]
+    assert info["stages"] == ["finetune", "full_finetune", "judge", "pretrain", "tune", "tune-trial"]
     assert info["finetune_domains"] == ["inverted", "rotated"] and all(v > 0 for v in info["test_loss"])
     assert len(info["commit"]) == 1 and len(info["commit"][0]) == 40
     assert info["trial_parents"] == info["tune_runs"]  # every trial is a child of its domain's tune run
     assert info["curve"] == 30 // 5
-    assert {"adapter", "samples"} <= set(info["artifacts"])
+    assert {"adapter", "samples", "report"} <= set(info["artifacts"])
     assert "adapters" in info["base_alias"] and {k: int(v) for k, v in info["champion"].items()} == {
         "inverted": 1,
         "rotated": 1,
     }
     table = _run([sys.executable, "-m", "pipelines.compare"], work, env)
-    assert "inverted" in table and "rotated" in table and "test_loss_adapter" in table
+    assert "inverted" in table and "rotated" in table and "fid_adapter" in table
 
 
 def test_second_repro_is_a_noop_and_status_clean(project):
@@ -127,6 +156,9 @@ def test_forced_rerun_from_scratch_is_bit_identical(project):
         "tune/inverted/best.json",
         "metrics/inverted.json",
         "metrics/rotated.json",
+        "models/judge/inverted/judge.safetensors",
+        "models/full/inverted/model.safetensors",
+        "reports/inverted/report.md",
     ]
     before = {f: hashlib.sha256((work / f).read_bytes()).hexdigest() for f in outputs}
     shutil.rmtree(work / "ray_results")  # no checkpoint to resume from: every stage trains anew
@@ -142,5 +174,5 @@ def test_one_domain_change_reruns_only_that_domain(project):
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = _run(["dvc", "repro"], work, env)
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
-    assert ran == ["evaluate@rotated", "finetune@rotated", "sample@rotated", "tune@rotated"], out[-2000:]
+    assert ran == ["evaluate@rotated", "finetune@rotated", "report", "sample@rotated", "tune@rotated"], out[-2000:]
     assert "up to date" in _run(["dvc", "status"], work, env)
