@@ -68,6 +68,8 @@ def train_fn(config: dict) -> None:
         with checkpoint.as_directory() as d:
             resume = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
     state = new_state(model, cfg, resume)
+    if resume is not None and rank == 0:
+        print(f"resuming from the checkpoint at step {state.step} of {cfg.steps}", flush=True)
     ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPU, nccl on GPU)
     pending: list[tuple[int, float]] = []
     reported = False

@@ -2,49 +2,22 @@
 
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, make_project
+from tests.helpers import run as _run
+
 pytestmark = pytest.mark.slow
-
-
-def _run(args, cwd, env):
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     work = tmp_path_factory.mktemp("project")
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for f in files:
-        if (ROOT / f).is_file() and not f.startswith(("dvc.lock", "metrics/", "plots/", "tune/", "runs/")):
-            (work / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, work / f)
-    shutil.copy(ROOT / "tests" / "tiny_params.yaml", work / "params.yaml")
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "MLFLOW_DISABLE_TELEMETRY": "true",
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("RAY_ADDRESS", None)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
-    ):
-        _run(cmd, work, env)
+    env = make_project(work)
     _run(["dvc", "repro"], work, env)
     return work, env
 
@@ -176,3 +149,31 @@ def test_one_domain_change_reruns_only_that_domain(project):
     ran = sorted(line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage"))
     assert ran == ["evaluate@rotated", "finetune@rotated", "report", "sample@rotated", "tune@rotated"], out[-2000:]
     assert "up to date" in _run(["dvc", "status"], work, env)
+
+
+def test_reproduce_checks_out_a_runs_commit_and_params_and_matches_its_outputs(project, tmp_path):
+    work, env = project
+    code = f"""
+import mlflow
+mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
+runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="tags.domain = 'inverted' and tags.stage = 'finetune'")
+print(runs.sort_values("start_time")["run_id"].iloc[0])  # from the first repro, on the original params
+"""
+    run_id = _run([sys.executable, "-c", code], work, env).strip().splitlines()[-1]
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "pipelines.reproduce",
+            run_id,
+            "--dir",
+            str(tmp_path / "again"),
+            "--stage",
+            "prepare_base",
+        ],
+        work,
+        env,
+    )
+    original = yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text())
+    assert yaml.safe_load((tmp_path / "again" / "params.yaml").read_text()) == original
+    assert "outputs identical to the run's dvc.lock: 1 (data/prepared/digits)" in out, out

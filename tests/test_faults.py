@@ -1,0 +1,262 @@
+"""Faults survived: a killed Ray Train worker, a killed `dvc repro`, an MLflow server that is down,
+and concurrent writers to one MLflow store (sqlite and a real server)."""
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from cdiff.config import load_params
+from cdiff.data import load_source
+from cdiff.model import UNet
+from cdiff.schedule import NoiseSchedule
+from cdiff.train import train
+from pipelines.common import ray_session
+from tests.helpers import ROOT, make_project, run
+
+pytestmark = pytest.mark.slow
+
+
+def _train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            found.append(proc)
+    return found
+
+
+def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.distributed import fit
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    p = load_params(ROOT / "tests" / "tiny_params.yaml")
+    p.ray = dataclasses.replace(p.ray, storage_path=str(tmp_path / "ray"), max_failures=1, cpus_per_worker=2.0)
+    data = load_source("sklearn-digits", "train", p.model.image_size, p.model.channels)
+    cfg = dataclasses.replace(p.train.base, steps=1000, checkpoint_every=100, log_every=10)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("faults")).info.run_id
+    killed: dict = {}
+
+    def killer():  # kill the worker once the first checkpoint is on disk
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            checkpoints = sorted((tmp_path / "ray").glob("*/checkpoint_*"))
+            workers = _train_workers()
+            if checkpoints and workers:
+                killed["after"] = len(checkpoints)
+                workers[0].kill()
+                return
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    with ray_session(p):
+        _, curve = fit(p, "fault", p.model, data, cfg, mlflow_run_id=run_id)
+    thread.join(1)
+    assert killed, "no worker was killed: the test did not exercise the failure"
+    expected = list(range(10, 1001, 10))
+    assert [s for s, _ in curve] == expected  # the right step count, each step once in the final state
+    history = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert history == expected  # one continuous MLflow history: nothing lost, nothing twice
+    # resumed == uninterrupted: the same losses as a plain run without Ray (to float reduction order)
+    import torch
+
+    torch.manual_seed(p.seed)
+    model = UNet(p.model, data.class_names)
+    state = train(
+        model, NoiseSchedule(p.diffusion), data, cfg, seed=p.seed, p_uncond=p.diffusion.p_uncond, progress=False
+    )
+    for (s1, v1), (s2, v2) in zip(curve, state.losses, strict=True):
+        assert s1 == s2 and abs(v1 - v2) <= 1e-4 * max(1.0, abs(v2)), (s1, v1, v2)
+
+
+@pytest.fixture(scope="module")
+def slow_project(tmp_path_factory):
+    """A tiny project whose pretraining is long enough (1000 steps) to be interrupted."""
+    work = tmp_path_factory.mktemp("faults")
+
+    def edit(params):
+        params["train"]["base"].update(steps=1000, checkpoint_every=100, log_every=10)
+
+    env = make_project(work, edit)
+    run(["dvc", "repro", "prepare_base"], work, env)
+    return work, env
+
+
+def test_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_project):
+    work, env = slow_project
+    proc = subprocess.Popen(
+        ["dvc", "repro", "pretrain"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while not list(work.glob("ray_results/pretrain-*/checkpoint_*")):
+            assert proc.poll() is None and time.time() < deadline, "pretrain ended before its first checkpoint"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # dvc, the stage and whatever Ray runs in its session
+        proc.wait()
+    for worker in _train_workers():
+        worker.kill()
+    assert not (work / "models" / "base").exists()  # nothing half-written, nothing taken for complete
+    assert not (work / "metrics" / "pretrain.json").exists()
+    assert "pretrain" in run(["dvc", "status", "pretrain"], work, env)
+    out = run(["dvc", "repro", "pretrain"], work, env, check=False)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "resuming from the checkpoint at step" in out.stdout + out.stderr
+    curve = (work / "plots" / "pretrain_loss.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in curve] == list(range(10, 1001, 10))
+    code = f"""
+import json, mlflow
+from mlflow.tracking import MlflowClient
+mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
+runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="tags.stage = 'pretrain'")
+done = runs[runs["status"] == "FINISHED"]["run_id"].iloc[0]
+print(json.dumps(sorted(m.step for m in MlflowClient().get_metric_history(done, "loss"))))
+"""
+    steps = json.loads(run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
+    assert steps == list(range(10, 1001, 10))  # the resumed stage's run holds the whole curve
+    assert "up to date" in run(["dvc", "status", "pretrain"], work, env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_mlflow_server_fails_fast_in_one_line(slow_project):
+    work, env = slow_project
+    before = set(work.glob("ray_results/*"))
+    start = time.time()
+    out = run(
+        [sys.executable, "-m", "pipelines.pretrain"],
+        work,
+        {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"},
+        check=False,
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unreachable" in lines[0] and "MLFLOW_TRACKING_URI" in lines[0], out.stderr
+    assert time.time() - start < 60 and set(work.glob("ray_results/*")) == before  # before any training
+
+
+def _logging_trial(config):
+    """A Tune trial that logs its own MLflow run, step by step, while the other trials do the same."""
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    from pipelines.tracking import log_curve
+
+    client = MlflowClient(config["uri"])
+    run_id = client.create_run(config["experiment_id"], tags={"trial": str(config["trial"])}).info.run_id
+    for step in range(config["points"]):
+        log_curve(run_id, "loss", [(step, 1.0 / (step + 1))], config["uri"])
+        client.log_metric(run_id, "acc", step / config["points"], step=step)
+    client.set_terminated(run_id)
+    tune.report({"logged": config["points"]})
+
+
+def _count_points(uri: str, experiment_id: str) -> list[tuple[str, int, int]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([experiment_id])
+    return sorted(
+        (
+            r.data.tags["trial"],
+            len(client.get_metric_history(r.info.run_id, "loss")),
+            len(client.get_metric_history(r.info.run_id, "acc")),
+        )
+        for r in runs
+    )
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    import urllib.request
+
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            break
+        except OSError:
+            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    yield uri
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(30)
+
+
+def test_concurrent_tune_trials_lose_no_metric(tmp_path, mlflow_server, monkeypatch):
+    import ray.cloudpickle
+    from mlflow.tracking import MlflowClient
+    from ray import tune
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    p = load_params(ROOT / "tests" / "tiny_params.yaml")
+    stores = {"sqlite": f"sqlite:///{tmp_path}/mlflow.db", "server": mlflow_server}
+    trials, points = 4, 40
+    with ray_session(p):
+        for name, uri in stores.items():
+            experiment_id = MlflowClient(uri).create_experiment(f"concurrent-{name}")
+            tuner = tune.Tuner(
+                tune.with_resources(_logging_trial, {"cpu": 0.5}),
+                param_space={
+                    "uri": uri,
+                    "experiment_id": experiment_id,
+                    "points": points,
+                    "trial": tune.grid_search(list(range(trials))),
+                },
+                tune_config=tune.TuneConfig(max_concurrent_trials=trials),
+                run_config=tune.RunConfig(name=f"concurrent-{name}", storage_path=str(tmp_path / "ray")),
+            )
+            results = tuner.fit()
+            assert not results.errors, results.errors
+            counted = _count_points(uri, experiment_id)
+            assert counted == [(str(i), points, points) for i in range(trials)], (name, counted)
