@@ -5,7 +5,6 @@ with Ray Train (train.full), then scores it like evaluate@DOMAIN scores the adap
 """
 
 import sys
-import time
 
 import mlflow
 
@@ -31,7 +30,6 @@ def main(name: str) -> None:
     mkdirs(Paths.full, Paths.metrics, Paths.plots)
     with tracking.stage_run(p, "full_finetune", name) as run, ray_session(p):
         mlflow.log_param("base_fingerprint", base_config["fingerprint"])
-        start = time.perf_counter()
         model, curve = fit(
             p,
             f"full-{name}",
@@ -41,7 +39,6 @@ def main(name: str) -> None:
             base_state=base.state_dict(),
             mlflow_run_id=run.info.run_id,
         )
-        train_seconds = time.perf_counter() - start
         save_model(model, p.diffusion, Paths.full / name, extra={"base_fingerprint": base_config["fingerprint"]})
         scores = Scorer(p, name, test_set).model(model, schedule)
         metrics = {
@@ -49,7 +46,6 @@ def main(name: str) -> None:
             "fid": scores["fid"],
             "gan_test": scores["gan_test"],
             "trainable_params": sum(t.numel() for t in model.parameters()),
-            "train_seconds": train_seconds,
             "samples_per_class": p.evaluate.fid_per_class,
             "gan_test_per_class": scores["gan_test_per_class"],
         }
@@ -72,7 +68,7 @@ def main(name: str) -> None:
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float | int)})
         mlflow.log_artifacts(str(Paths.full / name), "model")
         mlflow.log_artifact(str(grid), "samples")
-    print(f"full fine-tune {name}: FID {scores['fid']:.2f}, GAN-test {scores['gan_test']:.3f}, {train_seconds:.0f} s")
+    print(f"full fine-tune {name}: FID {scores['fid']:.2f}, GAN-test {scores['gan_test']:.3f}")
 
 
 if __name__ == "__main__":
