@@ -121,7 +121,7 @@ def plot_sweep(path: Path, rows: list[dict], x: str, title: str) -> None:
         ax.plot(labels, [float(r[key]) for r in rows], marker="o")
         ax.set(xlabel=x, title=name)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.06)
     _save(fig, path)
 
 

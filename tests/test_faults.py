@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -84,6 +85,17 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         assert s1 == s2 and abs(v1 - v2) <= 1e-4 * max(1.0, abs(v2)), (s1, v1, v2)
 
 
+def _registered_checkpoint(storage: Path) -> bool:
+    """A checkpoint Ray's controller has recorded (a checkpoint folder alone may still be being written)."""
+    for snapshot in storage.glob("pretrain-*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
+                return True
+        except (OSError, ValueError):
+            pass
+    return False
+
+
 @pytest.fixture(scope="module")
 def slow_project(tmp_path_factory):
     """A tiny project whose pretraining is long enough (1000 steps) to be interrupted."""
@@ -109,7 +121,7 @@ def test_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_project):
     )
     try:
         deadline = time.time() + 240
-        while not list(work.glob("ray_results/pretrain-*/checkpoint_*")):
+        while not _registered_checkpoint(work / "ray_results"):
             assert proc.poll() is None and time.time() < deadline, "pretrain ended before its first checkpoint"
             time.sleep(0.05)
     finally:
