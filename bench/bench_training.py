@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_reference import seed_unet_like  # noqa: E402
 
 from cdiff.config import DiffusionConfig, load_params  # noqa: E402
+from cdiff.io import write_json  # noqa: E402
 from cdiff.lora import inject_lora  # noqa: E402
 from cdiff.model import UNet  # noqa: E402
 from cdiff.samplers import ddpm_sample  # noqa: E402
@@ -205,7 +206,7 @@ def main() -> int:
             f"{ray['ray_init']:.1f} s), per-step overhead {ray['per_step_overhead']:+.1%} (target <= 15%)"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)  # atomic: a killed run leaves the last complete file
     print(f"wrote {args.out}")
     return 0
 

@@ -11,7 +11,6 @@ setting, so a run cut short keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from cdiff.checkpoint import load_model
 from cdiff.data import load_imageset
+from cdiff.io import write_json
 from cdiff.judge import load_judge
 from cdiff.metrics import balanced_subset, generate, judge_images, reference_stats
 
@@ -93,7 +93,7 @@ def main() -> int:
             flush=True,
         )
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(args.out, result)  # atomic: a killed run leaves the last complete file
     return 0
 
 

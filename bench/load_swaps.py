@@ -10,7 +10,6 @@ Targets: RSS growth under 5% after the first minute (warm-up), and a steady thro
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from cdiff.checkpoint import load_model
 from cdiff.errors import CdiffError
+from cdiff.io import write_json
 from cdiff.lora import load_adapter, merge_lora
 from cdiff.samplers import sample
 
@@ -103,7 +103,7 @@ def main() -> int:
         f"{rss_growth:>8.2%} {min(speeds):>7.1f}..{max(speeds):.1f}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)  # atomic: a killed run leaves the last complete file
     print(f"wrote {args.out}")
     return 0
 
