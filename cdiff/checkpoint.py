@@ -1,83 +1,113 @@
 """Model folders: model.safetensors + config.json (model config, schedule, class names, fingerprint).
 
-Loading reads tensors and JSON only; nothing is ever unpickled.
+Loading reads tensors and JSON only; nothing is ever unpickled. config.json is checked field by field,
+and the weights against the architecture it describes (built on the meta device, so a forged size
+allocates nothing) before the model is built.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from cdiff.config import DiffusionConfig, ModelConfig, from_dict, to_dict
-from cdiff.errors import CdiffError
-from cdiff.io import atomic_dir, fingerprint, load_safetensors, read_json, save_safetensors, write_json
-from cdiff.lora import ADAPTER_CONFIG, read_adapter_config
+from cdiff.errors import CdiffError, shown
+from cdiff.io import Artefact, display_path
+from cdiff.lora import ADAPTER, read_adapter
 from cdiff.model import UNet
+from cdiff.names import check_class_names
 from cdiff.schedule import NoiseSchedule
+from cdiff.weights import check_fits, load_weights_folder, on_meta, read_folder_config, save_weights_folder
 
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_CONFIG = "config.json"
+MODEL = Artefact("model folder", folder=True, marker="config.json", format="cdiff-model", weights="model.safetensors")
+MODEL_WEIGHTS, MODEL_CONFIG = MODEL.weights, MODEL.marker
 
 
-def save_model(model: UNet, diffusion: DiffusionConfig, path, extra: dict | None = None) -> str:
-    """Write the model folder atomically; returns the weights' sha256 fingerprint."""
+def save_model(model: UNet, diffusion: DiffusionConfig, path, extra: dict | None = None, *, overwrite=False) -> str:
+    """Write the model folder atomically; returns the weights' sha256 fingerprint.
+
+    An existing model folder at `path` is replaced only with `overwrite=True`; NaN/inf weights are refused.
+    """
     if getattr(model, "_cdiff_lora", None) is not None:
         raise CdiffError("the model carries a LoRA adapter: save_adapter it, or merge_and_unload it first")
-    state = model.state_dict()
-    fp = fingerprint(state)
     config = {
-        "format": "cdiff-model",
-        "version": 1,
+        **(extra or {}),
         "model": to_dict(model.config),
         "diffusion": to_dict(diffusion),
         "class_names": list(model.class_names),
-        "fingerprint": fp,
-        **(extra or {}),
     }
-    with atomic_dir(path) as tmp:
-        save_safetensors(state, tmp / MODEL_WEIGHTS)
-        write_json(tmp / MODEL_CONFIG, config)
-    return fp
+    return save_weights_folder(MODEL, path, model.state_dict(), config, overwrite=overwrite)
 
 
 def read_model_config(path) -> dict:
-    path = Path(path)
-    if not path.is_dir():
-        raise CdiffError(f"model folder not found: {path}")
-    config = read_json(path / MODEL_CONFIG, "model config")
-    if config.get("format") != "cdiff-model":
-        raise CdiffError(f"{path} is not a cdiff model folder (config.json has no format: cdiff-model)")
+    """config.json of a model folder, every field cdiff reads checked (one-line errors naming the field)."""
+    config = read_folder_config(MODEL, path)
+    _parse(config, path)
     return config
+
+
+def _parse(config: dict, path) -> tuple[ModelConfig, DiffusionConfig, list[str] | None]:
+    where = display_path(Path(path) / MODEL_CONFIG)
+    for key in ("model", "diffusion"):
+        if key not in config:
+            raise CdiffError(f"{where} misses {key!r}: the file is corrupt or from another tool")
+    model_config = from_dict(ModelConfig, config["model"], f"{where}: model")
+    model_config.validate(f"{where}: model")
+    diffusion = from_dict(DiffusionConfig, config["diffusion"], f"{where}: diffusion")
+    diffusion.validate(f"{where}: diffusion")
+    names = config.get("class_names")
+    if names is not None:
+        check_class_names(names, f"{where}: class_names", limit=model_config.num_classes)
+    return model_config, diffusion, names
+
+
+def _load_checked(path) -> tuple[dict[str, torch.Tensor], dict, ModelConfig, DiffusionConfig, list[str] | None]:
+    config = read_folder_config(MODEL, path)
+    model_config, diffusion, names = _parse(config, path)
+    tensors, _ = load_weights_folder(MODEL, path, config)
+    with on_meta():
+        check_fits(UNet(model_config).state_dict(), tensors, path)
+    return tensors, config, model_config, diffusion, names
+
+
+def check_device(name) -> torch.device:
+    """A torch device this machine has, or a one-line error (e.g. --device cuda without a GPU)."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CdiffError(f"unknown device {shown(name)}: use cpu, cuda, cuda:N or mps") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CdiffError(f"device {shown(name)}: CUDA is not available on this machine: use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CdiffError(f"device {shown(name)}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise CdiffError(f"device {shown(name)}: MPS is not available on this machine: use cpu")
+    elif device.type != "cpu":
+        raise CdiffError(f"device {shown(name)}: cdiff runs on cpu, cuda or mps")
+    return device
 
 
 def load_model(path, device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
     """Load a model folder: (unet in eval mode, its noise schedule, its config.json as a dict)."""
-    path = Path(path)
-    config = read_model_config(path)
-    try:
-        model_config = from_dict(ModelConfig, config["model"], "config.json model")
-        diffusion = from_dict(DiffusionConfig, config["diffusion"], "config.json diffusion")
-        model = UNet(model_config, config.get("class_names"))
-    except KeyError as e:
-        raise CdiffError(f"{path / MODEL_CONFIG} misses {e}: the file is corrupt or from another tool") from e
-    state = load_safetensors(path / MODEL_WEIGHTS, "model weights")
-    if fingerprint(state) != config.get("fingerprint"):
-        raise CdiffError(f"{path / MODEL_WEIGHTS} does not match the fingerprint in config.json: the file is corrupt")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CdiffError(f"weights in {path} do not fit its config.json: the folder is corrupt") from e
+    device = check_device(device)
+    tensors, config, model_config, diffusion, names = _load_checked(path)
+    model = UNet(model_config, names)
+    model.load_state_dict(tensors, strict=True)
     return model.to(device).eval(), NoiseSchedule(diffusion), config
 
 
 def describe(path) -> dict:
-    """Metadata of a model or adapter folder, for `cdiff info`."""
-    path = Path(path)
+    """Metadata of a model or adapter folder, for `cdiff info`: checked as thoroughly as a load."""
+    path = Path(path).expanduser()
     if not path.exists():
-        raise CdiffError(f"path not found: {path}")
-    if (path / ADAPTER_CONFIG).is_file():
-        config = read_adapter_config(path)
-        tensors = load_safetensors(path / "adapter.safetensors", "adapter weights")
+        raise CdiffError(f"path not found: {display_path(path)}")
+    if not path.is_dir():
+        raise CdiffError(f"{display_path(path)} is a file: give a model or adapter folder")
+    if (path / ADAPTER.marker).exists():
+        tensors, config = read_adapter(path)
         return {"kind": "adapter", "path": str(path), "parameters": sum(t.numel() for t in tensors.values()), **config}
-    config = read_model_config(path)
-    tensors = load_safetensors(path / MODEL_WEIGHTS, "model weights")
+    tensors, config, *_ = _load_checked(path)
     return {"kind": "model", "path": str(path), "parameters": sum(t.numel() for t in tensors.values()), **config}

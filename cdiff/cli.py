@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 from cdiff.errors import CdiffError
@@ -19,27 +21,47 @@ EXAMPLES = """examples:
   cdiff merge models/base adapters/digits -o models/base-digits
   cdiff compare                      # every domain of the last `dvc repro`: FID, GAN-test, goals
 
+Outputs never replace what they are not: a model folder replaces a model folder only with --overwrite,
+and no command writes onto its own inputs, a folder of other files, a device or a link.
 Errors are one line; set CDIFF_DEBUG=1 (or pass --debug) for the traceback."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _integer(least: int, most: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        if value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
+        return value
+
+    return parse
 
 
-def _guidance(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _number(least: float, most: float):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and least <= value <= most):
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{least:g}, {most:g}], got {text}")
+        return value
+
+    return parse
+
+
+def _path(text: str) -> Path:
+    if "\x00" in text or not text:
+        raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
+    return Path(text).expanduser()
+
+
+_positive_int = _integer(1, 10**9)
+_seed = _integer(0, 2**32 - 1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,8 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a labelled PNG grid from a model (optionally with an adapter)",
         description="Generate N images per class and write them as a labelled PNG grid (one row per class).",
     )
-    s.add_argument("model", type=Path, help="model folder (config.json + model.safetensors)")
-    s.add_argument("--adapter", type=Path, help="LoRA adapter folder to apply (merged for zero-overhead sampling)")
+    s.add_argument("model", type=_path, help="model folder (config.json + model.safetensors)")
+    s.add_argument("--adapter", type=_path, help="LoRA adapter folder to apply (merged for zero-overhead sampling)")
     s.add_argument(
         "--class",
         dest="classes",
@@ -73,37 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_ID",
         help="class name or id; repeat for several (default: every class)",
     )
-    s.add_argument("--n", type=_positive_int, default=8, help="images per class (default 8)")
+    s.add_argument("--n", type=_integer(1, 256), default=8, help="images per class, at most 256 (default 8)")
     s.add_argument(
         "--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: all T steps; ddim: --steps steps (default)"
     )
     s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50; ignored by ddpm)")
-    s.add_argument("--eta", type=_guidance, default=0.0, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
+    s.add_argument(
+        "--eta", type=_number(0, 1), default=0.0, help="DDIM noise in [0, 1]: 0 deterministic (default), 1 DDPM-like"
+    )
     s.add_argument(
         "--guidance",
-        type=_guidance,
+        type=_number(0, 100),
         default=2.0,
-        help="classifier-free guidance scale; 1 = plain conditional (default 2)",
+        help="classifier-free guidance scale in [0, 100]; 1 = plain conditional (default 2)",
     )
-    s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default 0)")
+    s.add_argument("--seed", type=_seed, default=0, help="random seed; the same seed gives the same images (default 0)")
     s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    s.add_argument("-o", "--output", type=Path, required=True, help="output PNG path")
+    s.add_argument("-o", "--output", type=_path, required=True, help="output PNG path (replaces only a PNG file)")
 
     i = sub.add_parser(
         "info",
         help="print a model's or adapter's metadata as JSON",
         description="Print the metadata of a model folder or an adapter folder as JSON.",
     )
-    i.add_argument("path", type=Path, help="model or adapter folder")
+    i.add_argument("path", type=_path, help="model or adapter folder")
 
     m = sub.add_parser(
         "merge",
         help="fold an adapter into its base and write a standalone model",
         description="Merge a LoRA adapter into its base model and write the result as a new model folder.",
     )
-    m.add_argument("model", type=Path, help="base model folder")
-    m.add_argument("adapter", type=Path, help="adapter folder trained on that base")
-    m.add_argument("-o", "--output", type=Path, required=True, help="output model folder")
+    m.add_argument("model", type=_path, help="base model folder")
+    m.add_argument("adapter", type=_path, help="adapter folder trained on that base")
+    m.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing model folder at the output path")
 
     t = sub.add_parser(
         "train",
@@ -116,12 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="data source: fashion-mnist, mnist, kmnist, emnist-letters, sklearn-digits, imagefolder:PATH",
     )
     t.add_argument(
-        "--params", type=Path, default=None, help="params.yaml whose model/diffusion/train.base sections to use"
+        "--params", type=_path, default=None, help="params.yaml whose model/diffusion/train.base sections to use"
     )
-    t.add_argument("--steps", type=_positive_int, default=None, help="training steps (overrides params)")
-    t.add_argument("--data-root", default="data/raw", help="where torchvision-style datasets live")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("-o", "--output", type=Path, required=True, help="output model folder")
+    t.add_argument("--steps", type=_integer(1, 10**8), default=None, help="training steps (overrides params)")
+    t.add_argument("--data-root", type=_path, default=Path("data/raw"), help="where torchvision-style datasets live")
+    t.add_argument("--seed", type=_seed, default=0, help="random seed (also of the train/test split)")
+    t.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing model folder at the output path")
     c = sub.add_parser(
         "compare",
         help="compare every domain's adapter with its base, full fine-tune and floor (from reports/summary.json)",
@@ -130,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and which quality goals were met. For every past run, use the MLflow UI or `python -m pipelines.compare`.",
     )
     c.add_argument(
-        "summary", type=Path, nargs="?", default=Path("reports/summary.json"), help="default reports/summary.json"
+        "summary", type=_path, nargs="?", default=Path("reports/summary.json"), help="default reports/summary.json"
     )
     c.add_argument("--json", action="store_true", help="print the rows as JSON")
     return parser
@@ -160,21 +186,27 @@ def cmd_compare(args) -> None:
     except (KeyError, TypeError, AttributeError) as e:
         raise CdiffError(f"{args.summary} lacks {e}: rerun `dvc repro` to regenerate it") from e
     if args.json:
-        print(json.dumps(rows, indent=2))
+        _say(json.dumps(rows, indent=2))
         return
     header = list(rows[0]) if rows else ["domain"]
     cells = [[_cell(r[h]) for h in header] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    _say("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for c in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
-    print(f"({summary.get('settings', '')}; FID: lower is better, in the judge's feature space)")
+        _say("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
+    _say(f"({summary.get('settings', '')}; FID: lower is better, in the judge's feature space)")
 
 
 def _cell(v) -> str:
     if v is None:
         return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+    return f"{v:.4g}" if isinstance(v, float) else " ".join(str(v).split())
+
+
+def _say(text: str) -> None:
+    """print, with undecodable bytes of file and class names escaped instead of crashing the command."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
 def cmd_sample(args) -> None:
@@ -182,11 +214,11 @@ def cmd_sample(args) -> None:
 
     from cdiff.checkpoint import load_model
     from cdiff.grid import save_grid
-    from cdiff.io import check_output_folder
+    from cdiff.io import PNG, check_output
     from cdiff.lora import load_adapter, merge_lora
     from cdiff.samplers import sample
 
-    check_output_folder(args.output)  # before minutes of sampling, not after
+    check_output(args.output, PNG, inputs=[args.model, args.adapter])  # before minutes of sampling, not after
     model, schedule, _ = load_model(args.model, args.device)
     if args.adapter is not None:
         load_adapter(model, args.adapter)
@@ -209,19 +241,21 @@ def cmd_sample(args) -> None:
         f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'} guidance {args.guidance} seed {args.seed}"
     )
     save_grid(args.output, images, [model.class_names[c] for c in ids], args.n, title=title)
-    print(f"wrote {args.output} ({len(class_ids)} images)")
+    _say(f"wrote {args.output} ({len(class_ids)} images)")
 
 
 def cmd_info(args) -> None:
     from cdiff.checkpoint import describe
 
-    print(json.dumps(describe(args.path), indent=2))
+    _say(json.dumps(describe(args.path), indent=2))
 
 
 def cmd_merge(args) -> None:
-    from cdiff.checkpoint import load_model, save_model
+    from cdiff.checkpoint import MODEL, load_model, save_model
+    from cdiff.io import check_output
     from cdiff.lora import load_adapter, merge_and_unload
 
+    check_output(args.output, MODEL, overwrite=args.overwrite, inputs=[args.model, args.adapter])
     model, schedule, config = load_model(args.model)
     load_adapter(model, args.adapter)
     merge_and_unload(model)
@@ -230,20 +264,25 @@ def cmd_merge(args) -> None:
         schedule.config,
         args.output,
         extra={"merged_from": {"base": config["fingerprint"], "adapter": str(args.adapter)}},
+        overwrite=args.overwrite,
     )
-    print(f"wrote {args.output} (fingerprint {fp[:12]})")
+    _say(f"wrote {args.output} (fingerprint {fp[:12]})")
 
 
 def cmd_train(args) -> None:
     import torch
 
-    from cdiff.checkpoint import save_model
+    from cdiff.checkpoint import MODEL, save_model
     from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig, load_params
-    from cdiff.data import load_source
+    from cdiff.data import check_source, load_source
+    from cdiff.io import check_output
     from cdiff.model import UNet
     from cdiff.schedule import NoiseSchedule
     from cdiff.train import train
 
+    check_source(args.source, "--source")
+    folder = args.source.split(":", 1)[1] if args.source.startswith("imagefolder:") else None
+    check_output(args.output, MODEL, overwrite=args.overwrite, inputs=[args.params, folder])  # before training
     if args.params:
         p = load_params(args.params)
         model_cfg, diffusion, train_cfg = p.model, p.diffusion, p.train.base
@@ -251,32 +290,55 @@ def cmd_train(args) -> None:
         model_cfg, diffusion, train_cfg = ModelConfig(), DiffusionConfig(), TrainConfig(steps=500)
     if args.steps:
         train_cfg.steps = args.steps
-    data = load_source(args.source, "train", model_cfg.image_size, model_cfg.channels, args.data_root)
+    data = load_source(args.source, "train", model_cfg.image_size, model_cfg.channels, args.data_root, seed=args.seed)
     model_cfg.num_classes = len(data.class_names)
     torch.manual_seed(args.seed)
     model = UNet(model_cfg, data.class_names)
     state = train(model, NoiseSchedule(diffusion), data, train_cfg, seed=args.seed, p_uncond=diffusion.p_uncond)
-    save_model(model, diffusion, args.output)
-    print(f"wrote {args.output} (final loss {state.losses[-1][1]:.4f} after {state.step} steps)")
+    save_model(model, diffusion, args.output, overwrite=args.overwrite)
+    _say(f"wrote {args.output} (final loss {state.losses[-1][1]:.4f} after {state.step} steps)")
 
 
 COMMANDS = {"sample": cmd_sample, "info": cmd_info, "merge": cmd_merge, "train": cmd_train, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    debug = args.debug or os.environ.get("CDIFF_DEBUG") == "1"
+    """Run one command; returns the exit code: 0, 2 for a bad input (one line on stderr), 128+N on signal N."""
+    from cdiff.io import Interrupted, interrupts_unwind
+
     try:
-        COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a usage error, already printed in one line (2)
+        return e.code if isinstance(e.code, int) else 2
+    debug = args.debug or os.environ.get("CDIFF_DEBUG") == "1"
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    try:
+        # SIGTERM, like Ctrl-C, unwinds the stack: `finally` blocks remove temp files before the exit
+        with interrupts_unwind() if in_main_thread else contextlib.nullcontext():
+            COMMANDS[args.command](args)
     except CdiffError as e:
         if debug:
             raise
-        print(f"cdiff: error: {e}", file=sys.stderr)
+        _close_progress_bars()
+        print(f"cdiff: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        _close_progress_bars()
+        print(f"cdiff: interrupted ({e}): nothing half-written was left behind", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("cdiff: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _close_progress_bars() -> None:
+    """A command stopped mid-way: clear its progress bars first, so that its message is a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

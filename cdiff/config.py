@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from cdiff.errors import CdiffError
+from cdiff.errors import CdiffError, shown
 
 
 @dataclass
@@ -28,14 +28,25 @@ class ModelConfig:
     time_dim: int = 128
 
     def validate(self, key: str = "model") -> None:
-        _check(self.image_size >= 8, f"{key}.image_size", "must be at least 8")
+        _range(self.image_size, 8, 1024, f"{key}.image_size")
         _check(self.channels in (1, 3), f"{key}.channels", "must be 1 or 3")
-        _check(self.num_classes >= 1, f"{key}.num_classes", "must be at least 1")
-        _check(len(self.base_channels) >= 1, f"{key}.base_channels", "needs at least one level")
+        _range(self.num_classes, 1, 100_000, f"{key}.num_classes")
+        _check(1 <= len(self.base_channels) <= 8, f"{key}.base_channels", "needs 1 to 8 levels")
         for c in self.base_channels:
-            _check(c >= 4 and c % 4 == 0, f"{key}.base_channels", "entries must be multiples of 4 (GroupNorm)")
-        for name in ("n_ctx", "ctx_dim", "attn_dim", "n_heads", "ff_mult", "time_dim"):
-            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
+            _check(
+                4 <= c <= 4096 and c % 4 == 0,
+                f"{key}.base_channels",
+                "entries must be multiples of 4 (GroupNorm) up to 4096",
+            )
+        for name, most in (
+            ("n_ctx", 256),
+            ("ctx_dim", 8192),
+            ("attn_dim", 8192),
+            ("n_heads", 256),
+            ("ff_mult", 16),
+            ("time_dim", 8192),
+        ):
+            _range(getattr(self, name), 1, most, f"{key}.{name}")
         _check(self.attn_dim % self.n_heads == 0, f"{key}.attn_dim", "must be divisible by n_heads")
         _check(self.time_dim % 2 == 0, f"{key}.time_dim", "must be even")
 
@@ -49,7 +60,7 @@ class DiffusionConfig:
     p_uncond: float = 0.1  # share of training labels replaced by the null prompt, for guidance
 
     def validate(self, key: str = "diffusion") -> None:
-        _check(self.timesteps >= 2, f"{key}.timesteps", "must be at least 2")
+        _range(self.timesteps, 2, 100_000, f"{key}.timesteps")
         _check(self.beta_schedule in ("linear", "cosine"), f"{key}.beta_schedule", "must be linear or cosine")
         _check(0 < self.beta_start < self.beta_end < 1, f"{key}.beta_start", "need 0 < beta_start < beta_end < 1")
         _check(0 <= self.p_uncond < 1, f"{key}.p_uncond", "must be in [0, 1)")
@@ -68,12 +79,13 @@ class TrainConfig:
     log_every: int = 50
 
     def validate(self, key: str) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
-            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"{key}.lr", "must be a positive number")
-        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
-        _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
-        _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 turns clipping off)")
+        for name in ("steps", "checkpoint_every", "log_every"):
+            _range(getattr(self, name), 1, 10**8, f"{key}.{name}")
+        _range(self.batch_size, 1, 65_536, f"{key}.batch_size")
+        _check(0 < self.lr <= 1, f"{key}.lr", "must be a number in (0, 1]")
+        _check(0 <= self.weight_decay <= 1, f"{key}.weight_decay", "must be in [0, 1]")
+        _range(self.warmup_steps, 0, 10**8, f"{key}.warmup_steps")
+        _check(0 <= self.grad_clip <= 1e6, f"{key}.grad_clip", "must be in [0, 1e6] (0 turns clipping off)")
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", "must be in [0, 1)")
 
 
@@ -87,9 +99,12 @@ class LoraConfig:
 
     def validate(self, key: str) -> None:
         _check(self.r >= 1, f"{key}.r", "LoRA rank must be at least 1")
-        _check(self.alpha > 0, f"{key}.alpha", "must be > 0")
+        _check(self.r <= 4096, f"{key}.r", "LoRA rank must be at most 4096")
+        _check(0 < self.alpha <= 4096, f"{key}.alpha", "must be in (0, 4096]")
         _check(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
         _check(len(self.targets) >= 1, f"{key}.targets", "needs at least one module name")
+        for name in [*self.targets, *self.extra_trainable]:
+            _check(bool(name.strip()), f"{key}.targets", "module names must not be empty")
 
 
 @dataclass
@@ -161,10 +176,10 @@ class SampleConfig:
 
     def validate(self, key: str = "sample") -> None:
         _check(self.sampler in ("ddpm", "ddim"), f"{key}.sampler", "must be ddpm or ddim")
-        _check(self.steps >= 1, f"{key}.steps", "must be at least 1")
-        _check(self.eta >= 0, f"{key}.eta", "must be >= 0")
-        _check(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, f"{key}.guidance_scale", ">= 0")
-        _check(self.per_class >= 1, f"{key}.per_class", "must be at least 1")
+        _range(self.steps, 1, 100_000, f"{key}.steps")
+        _check(0 <= self.eta <= 1, f"{key}.eta", "must be in [0, 1] (0 deterministic, 1 DDPM-like)")
+        _check(0 <= self.guidance_scale <= 100, f"{key}.guidance_scale", "must be in [0, 100]")
+        _range(self.per_class, 1, 1024, f"{key}.per_class")
 
 
 @dataclass
@@ -178,9 +193,9 @@ class JudgeConfig:
     features: int = 64  # width of the penultimate layer: the FID feature space
 
     def validate(self, key: str = "judge") -> None:
-        for name in ("steps", "batch_size", "width", "features"):
-            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
-        _check(self.lr > 0 and math.isfinite(self.lr), f"{key}.lr", "must be a positive number")
+        for name, most in (("steps", 10**7), ("batch_size", 65_536), ("width", 1024), ("features", 8192)):
+            _range(getattr(self, name), 1, most, f"{key}.{name}")
+        _check(0 < self.lr <= 1, f"{key}.lr", "must be a number in (0, 1]")
 
 
 @dataclass
@@ -293,15 +308,62 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
+MAX_YAML_NODES = 100_000  # values in params.yaml once aliases are expanded: the real file has about 300
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """safe_load, but a key given twice in one mapping is an error (YAML would keep the last silently)."""
+    """safe_load, but a key given twice in one mapping is an error (YAML would keep the last silently),
+    and aliases may not expand the document past MAX_YAML_NODES values (a "billion laughs" bomb)."""
+
+    def get_single_data(self):
+        try:
+            node = self.get_single_node()
+        except RecursionError:
+            raise CdiffError("params.yaml is nested too deeply to be a params file") from None
+        if node is None:
+            return None
+        _expanded_size(node)
+        return self.construct_document(node)
 
     def construct_mapping(self, node, deep=False):
-        keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
-        for k in keys:
-            if keys.count(k) > 1:
-                raise CdiffError(f"duplicate key {k!r} in params.yaml (line {node.start_mark.line + 1})")
+        seen = set()
+        for k, _ in node.value:
+            key = self.construct_object(k, deep=deep)
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # unhashable: PyYAML refuses it below
+                continue
+            if twice:
+                raise CdiffError(f"duplicate key {shown(key)} in params.yaml (line {node.start_mark.line + 1})")
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root) -> int:
+    """How many values the YAML node graph holds with every alias expanded; refuses a bomb or a cycle."""
+    sizes: dict[int, int | None] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] is None:
+                raise CdiffError(f"params.yaml: an alias refers to itself (line {node.start_mark.line + 1})")
+            return sizes[id(node)]
+        sizes[id(node)] = None
+        if isinstance(node, yaml.MappingNode):
+            total = 1 + sum(size(k) + size(v) for k, v in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(v) for v in node.value)
+        else:
+            total = 1
+        if total > MAX_YAML_NODES:
+            raise CdiffError(
+                f"params.yaml: aliases expand it past {MAX_YAML_NODES} values (line {node.start_mark.line + 1}): "
+                "write the values out"
+            )
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
 
 
 def to_dict(obj) -> dict:
@@ -316,7 +378,7 @@ def from_dict(cls, raw, key: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in names:
-            raise CdiffError(f"{_join(key, k)}: unknown key (known: {', '.join(sorted(names))})")
+            raise CdiffError(f"{_join(key, _name(k))}: unknown key (known: {', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:
@@ -334,7 +396,7 @@ def _coerce(tp, value, key: str):
         if not isinstance(value, dict):
             raise CdiffError(f"{key}: expected a mapping, got {type(value).__name__}")
         _, item = typing.get_args(tp)
-        return {str(k): _coerce(item, v, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(item, v, f"{key}.{_name(k)}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise CdiffError(f"{key}: expected a list, got {type(value).__name__}")
@@ -345,23 +407,33 @@ def _coerce(tp, value, key: str):
         return None if value is None else _coerce(args[0], value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise CdiffError(f"{key}: expected true or false, got {value!r}")
+            raise CdiffError(f"{key}: expected true or false, got {shown(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise CdiffError(f"{key}: expected an integer, got {value!r}")
+            raise CdiffError(f"{key}: expected an integer, got {shown(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise CdiffError(f"{key}: expected a number, got {value!r}")
-        if math.isnan(value):
-            raise CdiffError(f"{key}: NaN is not allowed")
-        return float(value)
+            raise CdiffError(f"{key}: expected a number, got {shown(value)}")
+        number = float(value) if isinstance(value, float) or abs(value) < 2**1000 else math.inf
+        if not math.isfinite(number):
+            raise CdiffError(
+                f"{key}: {'NaN' if math.isnan(number) else shown(value)} is not allowed: give a finite number"
+            )
+        return number
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise CdiffError(f"{key}: expected a string, got {value!r}")
+            raise CdiffError(f"{key}: expected a string, got {shown(value)}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise CdiffError(f"{key}: expected a string, got {shown(value)}")
         return str(value)
     raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _name(k) -> str:
+    """A key as it appears in a message: itself when it is short text, else a bounded repr."""
+    return k if isinstance(k, str) and len(k) <= 60 and k.isprintable() else shown(k)
 
 
 def _join(key: str, name: str) -> str:
@@ -371,6 +443,10 @@ def _join(key: str, name: str) -> str:
 def _check(ok, key: str, msg: str) -> None:
     if not ok:
         raise CdiffError(f"{key}: {msg}")
+
+
+def _range(value: int, least: int, most: int, key: str) -> None:
+    _check(least <= value <= most, key, f"must be at least {least}" if value < least else f"must be at most {most}")
 
 
 def _safe_name(name: str) -> bool:

@@ -7,7 +7,11 @@ size and channels. See SOURCES for each source's origin and license.
 from __future__ import annotations
 
 import gzip
+import math
+import os
+import stat
 import struct
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +21,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cdiff.errors import CdiffError
-from cdiff.io import fingerprint, load_safetensors, read_json, save_safetensors, write_json
+from cdiff.errors import CdiffError, shown
+from cdiff.io import Artefact, display_path, fingerprint, load_safetensors, read_json, save_safetensors, write_json
+from cdiff.names import check_class_names
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+DATASET = Artefact("prepared dataset folder", folder=True, marker="summary.json", format="cdiff-dataset")
 
 
 @dataclass
@@ -44,7 +50,7 @@ class ImageSet:
 class Source:
     origin: str
     license: str
-    load: Callable[..., ImageSet]  # load(split, root, download, size, channels)
+    load: Callable[..., ImageSet]  # load(split, root, download, size, channels, seed)
 
 
 # ---- sources -----------------------------------------------------------------------------------
@@ -75,7 +81,7 @@ FASHION_CLASSES = [
 ]
 
 
-def _fashion_mnist(split, root, download, size, channels) -> ImageSet:
+def _fashion_mnist(split, root, download, size, channels, seed) -> ImageSet:
     prefix = "train" if split == "train" else "t10k"
     names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
     for folder in (Path(root) / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST):
@@ -93,7 +99,7 @@ def _fashion_mnist(split, root, download, size, channels) -> ImageSet:
                     channels,
                 )
     if download:
-        return _torchvision("FashionMNIST")(split, root, download, size, channels)
+        return _torchvision("FashionMNIST")(split, root, download, size, channels, seed)
     raise CdiffError(
         f"Fashion-MNIST not found in {Path(root) / 'FashionMNIST' / 'raw'} or {DEBIAN_FASHION_MNIST}: "
         "run `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or set data.download: true to fetch it"
@@ -101,7 +107,7 @@ def _fashion_mnist(split, root, download, size, channels) -> ImageSet:
 
 
 def _torchvision(cls_name: str, **kwargs):
-    def load(split, root, download, size, channels) -> ImageSet:
+    def load(split, root, download, size, channels, seed) -> ImageSet:
         import torchvision.datasets as tvd
 
         try:
@@ -119,44 +125,81 @@ def _torchvision(cls_name: str, **kwargs):
     return load
 
 
-def _sklearn_digits(split, root, download, size, channels) -> ImageSet:
+def _sklearn_digits(split, root, download, size, channels, seed) -> ImageSet:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.from_numpy((digits.images * 255.0 / 16.0).round().astype(np.uint8))[:, None]  # (1797, 1, 8, 8)
     full = ImageSet(images, torch.from_numpy(digits.target.astype(np.int64)), [str(i) for i in range(10)])
-    return _fit(_split(full, split), size, channels)
+    return _fit(_split(full, split, seed), size, channels)
 
 
 def _image_folder(path: str):
-    def load(split, root, download, size, channels) -> ImageSet:
-        from PIL import Image, UnidentifiedImageError
-
-        folder = Path(path)
+    def load(split, root, download, size, channels, seed) -> ImageSet:
+        folder = Path(path).expanduser()
         if not folder.is_dir():
-            raise CdiffError(f"image folder not found: {folder}")
+            raise CdiffError(f"image folder not found: {display_path(folder)}")
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not classes:
-            raise CdiffError(f"image folder {folder} has no class sub-folders: put images in {folder}/<class>/")
+            shown_folder = display_path(folder)
+            raise CdiffError(f"image folder {shown_folder} has no class sub-folders: put images in <class>/ folders")
+        check_class_names(classes, f"image folder {display_path(folder)}")
         images, labels = [], []
         for label, name in enumerate(classes):
-            files = sorted(p for p in (folder / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = _image_files(folder / name)
             if not files:
-                raise CdiffError(f"class folder {folder / name} has no PNG/JPEG images: add some or remove it")
+                raise CdiffError(
+                    f"class folder {display_path(folder / name)} has no PNG/JPEG images: add some or remove it"
+                )
             for file in files:
-                try:
-                    with Image.open(file) as im:
-                        im = im.convert("L" if channels == 1 else "RGB")  # mixed modes are converted
-                        arr = np.asarray(im, dtype=np.uint8)
-                except (UnidentifiedImageError, OSError) as e:
-                    raise CdiffError(f"cannot read image {file} ({e.__class__.__name__}): fix or remove it") from e
-                arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-                images.append(_fit_one(torch.from_numpy(arr.copy()), size))  # mixed sizes are fitted
+                images.append(_fit_one(torch.from_numpy(_read_image(file, channels, size)), size))  # sizes are fitted
                 labels.append(label)
         full = ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), classes)
-        return _split(full, split)
+        return _split(full, split, seed)
 
     return load
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The PNG/JPEG files of a class folder. Dot-files (macOS `._x.png`, `.DS_Store`) are skipped; a FIFO,
+    device or broken link named like an image is refused (reading a FIFO would hang)."""
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            mode = os.stat(p).st_mode
+        except OSError as e:
+            raise CdiffError(f"cannot read image {display_path(p)} ({e.strerror}): fix or remove it") from e
+        if not stat.S_ISREG(mode):
+            raise CdiffError(f"{display_path(p)} is not a regular file (a folder, FIFO or device): remove it")
+        files.append(p)
+    return files
+
+
+def _read_image(file: Path, channels: int, size: int) -> np.ndarray:
+    """(C, h, w) uint8 of one image file; 16-bit greys scaled to 8 bits (not clipped); errors say why."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # PIL's pixel limit: refuse, do not warn
+            with Image.open(file) as im:
+                im.draft("L" if channels == 1 else "RGB", (size, size))  # JPEG: decode at a reduced scale
+                if im.mode.startswith("I"):  # 16-bit (or 32-bit integer) greys
+                    grey = (np.asarray(im).astype(np.float64) * (255 / 65535)).round().clip(0, 255).astype(np.uint8)
+                    arr = grey if channels == 1 else np.stack([grey] * 3, axis=-1)
+                else:
+                    arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)  # modes converted
+    except UnidentifiedImageError as e:
+        raise CdiffError(f"cannot read image {display_path(file)}: not an image file: fix or remove it") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        reason = str(e).split(",")[0]
+        raise CdiffError(f"cannot read image {display_path(file)}: too large ({reason}): shrink or remove it") from e
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, TypeError, IndexError) as e:
+        reason = "truncated file" if "truncated" in str(e) else (str(e).splitlines() or [e.__class__.__name__])[0]
+        raise CdiffError(f"cannot read image {display_path(file)}: {reason[:120]}: fix or remove it") from e
+    return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)).copy()  # writable, for torch.from_numpy
 
 
 SOURCES: dict[str, Source] = {
@@ -183,18 +226,33 @@ def check_source(spec: str, key: str = "source") -> None:
         raise CdiffError(f"{key}: unknown source {spec!r} (known: {', '.join(SOURCES)}, imagefolder:PATH)")
 
 
-def load_source(spec: str, split: str, size: int, channels: int, root="data/raw", download=False) -> ImageSet:
-    """Load split 'train' or 'test' of a source, fitted to (channels, size, size)."""
+def load_source(
+    spec: str, split: str, size: int, channels: int, root="data/raw", download=False, seed: int = 0
+) -> ImageSet:
+    """Load split 'train' or 'test' of a source, fitted to (channels, size, size).
+
+    Sources without their own split (sklearn-digits, image folders) are split by class with `seed`.
+    """
     check_source(spec)
     loader = _image_folder(spec.split(":", 1)[1]) if spec.startswith("imagefolder:") else SOURCES[spec].load
-    return loader(split, root, download, size, channels)
+    return loader(split, str(Path(root).expanduser()), download, size, channels, seed)
 
 
-def _split(full: ImageSet, split: str, test_fraction=0.2) -> ImageSet:
-    """A fixed, seeded train/test split for sources that ship without one."""
-    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
-    n_test = max(1, int(len(full) * test_fraction)) if len(full) > 1 else 0
-    return full.subset(order[n_test:] if split == "train" else order[:n_test])
+def _split(full: ImageSet, split: str, seed: int, test_fraction=0.2) -> ImageSet:
+    """A seeded train/test split, stratified by class, for sources that ship without one.
+
+    A class of n >= 2 images gives round(n * test_fraction) of them (at least 1, at most n - 1) to test.
+    """
+    g = torch.Generator().manual_seed(seed)
+    test = []
+    for c in range(len(full.class_names)):
+        index = torch.nonzero(full.labels == c).flatten()
+        n = len(index)
+        k = min(n - 1, max(1, round(n * test_fraction))) if n >= 2 else 0
+        test.append(index[torch.randperm(n, generator=g)[:k]])
+    in_test = torch.zeros(len(full), dtype=torch.bool)
+    in_test[torch.cat(test)] = True
+    return full.subset(torch.nonzero(in_test if split == "test" else ~in_test).flatten())
 
 
 # ---- fitting to the model's size and channels ------------------------------------------------
@@ -236,18 +294,35 @@ def parse_transforms(specs: list[str], key: str = "transforms") -> list[tuple[st
         name, _, arg = str(spec).partition(":")
         try:
             if name == "rotate":
-                out.append((name, float(arg)))
+                degrees = float(arg)
+                if not (math.isfinite(degrees) and abs(degrees) <= 360):
+                    raise CdiffError(
+                        f"{key}[{i}]: rotate needs a finite angle in [-360, 360] degrees, got {shown(arg)}"
+                    )
+                out.append((name, degrees))
             elif name == "invert" and not arg:
                 out.append((name, None))
             elif name == "limit_per_class" and int(arg) >= 1:
                 out.append((name, int(arg)))
-            elif name == "subset_classes" and isinstance(yaml.safe_load(arg), list) and yaml.safe_load(arg):
-                out.append((name, [str(c) for c in yaml.safe_load(arg)]))
+            elif name == "subset_classes":
+                out.append((name, _class_list(yaml.safe_load(arg), f"{key}[{i}]")))
             else:
                 raise ValueError
-        except (ValueError, yaml.YAMLError):
-            raise CdiffError(f"{key}[{i}]: bad transform {spec!r} (known: {', '.join(TRANSFORMS)})") from None
+        except (ValueError, yaml.YAMLError, RecursionError):
+            raise CdiffError(f"{key}[{i}]: bad transform {shown(spec)} (known: {', '.join(TRANSFORMS)})") from None
     return out
+
+
+def _class_list(items, key: str) -> list[str]:
+    """subset_classes' argument: a non-empty list of distinct class names or ids."""
+    if not isinstance(items, list) or not items:
+        raise ValueError
+    if not all(isinstance(c, str | int) and not isinstance(c, bool) for c in items):
+        raise ValueError
+    names = [str(c) for c in items]
+    if len(set(names)) != len(names):
+        raise CdiffError(f"{key}: subset_classes names a class twice ({shown(items)}): list each class once")
+    return names
 
 
 def apply_transforms(data: ImageSet, specs: list[str], split: str) -> ImageSet:
@@ -267,6 +342,8 @@ def apply_transforms(data: ImageSet, specs: list[str], split: str) -> ImageSet:
             data = data.subset(keep.sort().values)
         elif name == "subset_classes":
             ids = [_class_id(data.class_names, c) for c in arg]
+            if len(set(ids)) != len(ids):
+                raise CdiffError(f"subset_classes: {shown(arg)} names one class twice (by name and by id)")
             mask = torch.isin(data.labels, torch.tensor(ids))
             remap = torch.full((len(data.class_names),), -1, dtype=torch.long)
             remap[torch.tensor(ids)] = torch.arange(len(ids))
@@ -279,7 +356,7 @@ def _class_id(names: list[str], item: str) -> int:
         return names.index(item)
     if item.isdigit() and int(item) < len(names):
         return int(item)
-    raise CdiffError(f"subset_classes: unknown class {item!r} (known: {', '.join(names)})")
+    raise CdiffError(f"subset_classes: unknown class {shown(item)} (known: {', '.join(names)})")
 
 
 # ---- prepared datasets on disk ---------------------------------------------------------------
@@ -287,8 +364,8 @@ def _class_id(names: list[str], item: str) -> int:
 
 def prepare_domain(source, transforms, size, channels, root, download, val_fraction, seed) -> dict[str, ImageSet]:
     """train / val / test sets of one domain: val is a seeded hold-out of the training split."""
-    train = apply_transforms(load_source(source, "train", size, channels, root, download), transforms, "train")
-    test = apply_transforms(load_source(source, "test", size, channels, root, download), transforms, "test")
+    train = apply_transforms(load_source(source, "train", size, channels, root, download, seed), transforms, "train")
+    test = apply_transforms(load_source(source, "test", size, channels, root, download, seed), transforms, "test")
     if len(train) < 2:
         raise CdiffError(f"source {source} gives {len(train)} training image(s) after transforms: need at least 2")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
@@ -314,5 +391,6 @@ def load_imageset(folder, split: str) -> ImageSet:
     meta = read_json(folder / f"{split}.json", "prepared dataset metadata")
     tensors = load_safetensors(folder / f"{split}.safetensors", "prepared dataset")
     if set(tensors) != {"images", "labels"} or fingerprint(tensors) != meta.get("fingerprint"):
-        raise CdiffError(f"prepared dataset {folder}/{split} is corrupt: rerun the prepare stage")
-    return ImageSet(tensors["images"], tensors["labels"], meta["class_names"])
+        raise CdiffError(f"prepared dataset {display_path(folder)}/{split} is corrupt: rerun the prepare stage")
+    names = check_class_names(meta.get("class_names"), f"prepared dataset {display_path(folder)}/{split}.json")
+    return ImageSet(tensors["images"], tensors["labels"], names)

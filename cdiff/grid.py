@@ -6,7 +6,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
-from cdiff.io import atomic_write
+from cdiff.io import PNG, atomic_write, check_finite, display_path
 
 
 def grid_image(
@@ -31,6 +31,8 @@ def grid_image(
 
 
 def save_grid(path, images: torch.Tensor, row_labels: list[str], per_row: int, title: str | None = None) -> None:
+    """Write the grid as a PNG (replacing only a PNG); images holding NaN/inf are refused, not drawn black."""
+    check_finite({"images": images}, f"refusing to write {display_path(path)}")
     picture = grid_image(images, row_labels, per_row, title=title)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, PNG) as tmp:
         picture.save(tmp, format="PNG")

@@ -1,14 +1,25 @@
-"""Atomic writes and weight fingerprints: every file cdiff writes goes through `atomic_write`."""
+"""Output paths, atomic writes, JSON, safetensors and fingerprints: every file cdiff writes goes through here.
+
+One output-path policy, `check_output`, runs before every write (and, in the CLI, before any long work):
+a command replaces only an artefact of the kind it writes (a folder only when asked to overwrite),
+never a special file (device, FIFO, socket) or a symbolic link, never a folder with a file or a file
+with a folder, and never one of its own inputs.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import signal
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,48 +27,285 @@ import torch
 from cdiff.errors import CdiffError
 
 
-def check_output_folder(path: Path) -> None:
-    """Fail early, in one line, when `path` cannot be written because of its folder."""
+@dataclass(frozen=True)
+class Artefact:
+    """What an output path holds: a file (of a format recognised by its first bytes) or a cdiff folder."""
+
+    name: str  # for messages: "PNG image", "model folder"
+    folder: bool = False
+    magic: bytes = b""  # an existing file of this kind starts with these bytes (after whitespace)
+    marker: str = ""  # a folder of this kind holds this JSON file, whose "format" is `format`
+    format: str = ""
+    weights: str = ""  # weights folders (cdiff.weights): the safetensors file beside the marker
+    version: int = 1
+
+
+FILE = Artefact("file")
+JSON = Artefact("JSON file", magic=b"{")
+PNG = Artefact("PNG image", magic=b"\x89PNG\r\n\x1a\n")
+
+_SPECIAL = {
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFLNK: "symbolic link",
+}
+
+
+def display_path(path) -> str:
+    """A path for messages: relative ones say what they were resolved against; undecodable bytes escaped."""
+    text = str(path)
+    if not os.path.isabs(text):
+        with contextlib.suppress(OSError):
+            text = f"{text} (relative to {os.getcwd()})"
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # undecodable bytes of a file name
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # a newline in a name stays one line
+
+
+def _absolute(path) -> Path:
+    """`path` made absolute with `~` expanded; its folder resolved (links too), its own name kept (not followed)."""
+    try:
+        path = Path(os.path.abspath(Path(path).expanduser()))
+        return Path(os.path.realpath(path.parent)) / path.name if path.name else path
+    except (ValueError, OSError) as e:  # an embedded NUL byte, a name too long
+        raise CdiffError(f"cannot use {path!r} as a path ({e})") from e
+
+
+def _holds(path: Path, artefact: Artefact) -> bool:
+    """Does the existing file or non-empty folder `path` hold an artefact of this kind?"""
+    if not artefact.folder:
+        if not artefact.magic:
+            return True
+        with open(path, "rb") as f:
+            return f.read(64).lstrip().startswith(artefact.magic)
+    marker = path / artefact.marker
+    try:
+        if not stat.S_ISREG(os.lstat(marker).st_mode) or os.path.getsize(marker) > 2**24:
+            return False
+        found = json.loads(marker.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(found, dict) and found.get("format") == artefact.format
+
+
+def check_output(path, artefact: Artefact = FILE, *, overwrite: bool = False, inputs: Iterable = ()) -> Path:
+    """The output-path policy, in one line per refusal; returns the absolute output path.
+
+    A file replaces only a regular file of its kind (a PNG a PNG); a folder replaces an empty folder, or
+    a folder of its kind when `overwrite` is set. Special files, links, and paths equal to, inside or
+    above an input are refused.
+    """
+    path = _absolute(path)
+    shown = display_path(path)
     if not path.parent.is_dir():
-        raise CdiffError(f"output folder {path.parent} does not exist: create it first")
-    if not os.access(path.parent, os.W_OK):
-        raise CdiffError(f"output folder {path.parent} is not writable: choose another output path")
+        raise CdiffError(f"output folder {display_path(path.parent)} does not exist: create it first")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise CdiffError(f"output folder {display_path(path.parent)} is not writable: choose another output path")
+    real = Path(os.path.realpath(path))
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(os.path.realpath(_absolute(given)))
+        if real == source or source in real.parents or real in source.parents:
+            where = "is" if real == source else "is inside" if source in real.parents else "holds"
+            raise CdiffError(f"output {shown} {where} the input {display_path(given)}: write somewhere else")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return path
+    except OSError as e:
+        raise CdiffError(f"cannot use {shown} as an output path ({e.strerror})") from e
+    if stat.S_IFMT(mode) in _SPECIAL:
+        raise CdiffError(f"{shown} is a {_SPECIAL[stat.S_IFMT(mode)]}: cdiff never replaces one; choose another path")
+    if stat.S_ISDIR(mode) and not artefact.folder:
+        raise CdiffError(f"{shown} is a folder: give a file path for the {artefact.name}")
+    if stat.S_ISREG(mode) and artefact.folder:
+        raise CdiffError(f"{shown} is a file, not a {artefact.name}: choose another output path")
+    if artefact.folder and not any(os.scandir(path)):
+        return path  # an empty folder: nothing is lost
+    if not _holds(path, artefact):
+        raise CdiffError(f"{shown} exists and is not a {artefact.name}: cdiff will not replace it; choose a new path")
+    if artefact.folder and not overwrite:
+        raise CdiffError(
+            f"{shown} is an existing {artefact.name}: pass --overwrite to replace it, or choose a new path"
+        )
+    return path
+
+
+# ---- interrupts: SIGTERM and SIGINT unwind the stack, so `finally` blocks remove temp files -----------
+
+
+class Interrupted(KeyboardInterrupt):
+    """Raised in the main thread on SIGINT or SIGTERM while `interrupts_unwind()` is active."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_critical = {"depth": 0, "pending": []}
+
+
+def _on_signal(signum, frame) -> None:
+    if _critical["depth"]:
+        _critical["pending"].append(signum)  # a rename is in flight: raise when it is done
+    else:
+        raise Interrupted(signum)
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+def interrupts_unwind() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM raise `Interrupted`, deferred while an atomic rename is in flight."""
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    _critical["depth"] += 1
+    try:
+        yield
+    finally:
+        _critical["depth"] -= 1
+        if not _critical["depth"] and _critical["pending"]:
+            signum = _critical["pending"].pop()
+            _critical["pending"].clear()
+            raise Interrupted(signum)
+
+
+# ---- atomic writes -------------------------------------------------------------------------------
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it (os.umask would, racing other threads)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _temp_beside(path: Path, suffix: str) -> Path:
+    return path.parent / f".{path.name[:200]}.{secrets.token_hex(4)}{suffix}"
+
+
+_WRITE_ERRORS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EROFS,
+    errno.EACCES,
+    errno.EPERM,
+    errno.ENAMETOOLONG,
+    errno.EIO,
+    errno.EFBIG,
+}
+
+
+@contextlib.contextmanager
+def _os_errors(path: Path) -> Iterator[None]:
+    """A full disk, a read-only file system or a name too long: one line, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise
+        raise CdiffError(f"cannot write {display_path(path)} ({e.strerror or e})") from e
+
+
+@contextlib.contextmanager
+def atomic_write(path, artefact: Artefact = FILE) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it replaces `path` in one `os.replace`.
 
-    A crash or exception leaves the old file (or nothing), never a half-written one.
+    A crash, exception or interrupt leaves the old file (or nothing), never a half-written one. The
+    file is created with the process's umask, as `open` would.
     """
-    path = Path(path)
-    check_output_folder(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    path = check_output(path, artefact)
+    tmp = _temp_beside(path, ".tmp")
     try:
-        yield Path(tmp)
-        os.replace(tmp, path)
+        with _os_errors(path):
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            yield tmp
+            os.chmod(tmp, 0o666 & ~_umask())  # as `open` would make it, whatever the writer did (safetensors: 0600)
+            with _uninterrupted():
+                check_output(path, artefact)  # something may have appeared there meanwhile
+                os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        with _uninterrupted():
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
 
 
-def write_json(path: str | os.PathLike, obj) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def read_json(path: str | os.PathLike, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise CdiffError(f"{what} not found: {path}")
+@contextlib.contextmanager
+def atomic_dir(path, artefact: Artefact, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temp folder beside `path`; on success it takes `path`'s place (see `check_output`)."""
+    path = check_output(path, artefact, overwrite=overwrite)
+    tmp, old = _temp_beside(path, ".tmp"), _temp_beside(path, ".old")
     try:
-        obj = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CdiffError(f"{what} {path} is not valid JSON ({e.__class__.__name__}): the file is corrupt") from e
+        with _os_errors(path):
+            os.mkdir(tmp)  # mode 0o777 less the umask
+            yield tmp
+            with _uninterrupted():
+                check_output(path, artefact, overwrite=overwrite)
+                if os.path.lexists(path):
+                    os.rename(path, old)
+                os.rename(tmp, path)
+    finally:
+        with _uninterrupted():
+            if os.path.lexists(old) and not os.path.lexists(path):
+                os.rename(old, path)  # the swap failed half-way: put the old folder back
+            for leftover in (tmp, old):
+                if os.path.lexists(leftover):
+                    shutil.rmtree(leftover)
+
+
+# ---- JSON ----------------------------------------------------------------------------------------
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def write_json(path, obj) -> None:
+    """Write `obj` as JSON, atomically; a NaN or infinite number is refused, never written."""
+    try:
+        text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    except ValueError as e:
+        raise CdiffError(f"refusing to write {display_path(path)}: it would hold a NaN or infinite number") from e
+    with atomic_write(path, JSON) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path, what: str) -> dict:
+    """A JSON object from `path`; NaN, Infinity and out-of-range numbers are refused as corrupt."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CdiffError(f"{what} not found: {display_path(path)}")
+    try:
+        obj = json.loads(path.read_bytes(), parse_constant=_no_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
+        raise CdiffError(f"{what} {display_path(path)} is not valid JSON ({reason}): the file is corrupt") from e
+    except OSError as e:
+        raise CdiffError(f"cannot read {what} {display_path(path)} ({e.strerror})") from e
     if not isinstance(obj, dict):
-        raise CdiffError(f"{what} {path} must hold a JSON object")
+        raise CdiffError(f"{what} {display_path(path)} must hold a JSON object")
     return obj
+
+
+# ---- tensors -------------------------------------------------------------------------------------
 
 
 def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
@@ -70,43 +318,29 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temp folder beside `path`; on success it takes `path`'s place (old content removed)."""
-    path = Path(path)
-    check_output_folder(path)
-    if path.exists() and not path.is_dir():
-        raise CdiffError(f"{path} exists and is not a folder: choose another output path")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "x")
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse, in one line, tensors holding NaN or inf (a diverged training, a corrupt file)."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise CdiffError(f"{what}: tensor {name} holds NaN or infinite values: the weights are broken")
 
 
-def load_safetensors(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+def load_safetensors(path, what: str) -> dict[str, torch.Tensor]:
     """Load tensors only: safetensors never runs code, and a pickle or junk file is refused in one line."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
-        raise CdiffError(f"{what} not found: {path}")
+        raise CdiffError(f"{what} not found: {display_path(path)}")
     try:
         return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CdiffError(f"{what} {path} is not a valid safetensors file ({str(e).splitlines()[0]})") from e
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
+        reason = (str(e).splitlines() or [e.__class__.__name__])[0][:200]
+        raise CdiffError(f"{what} {display_path(path)} is not a valid safetensors file ({reason})") from e
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict | None = None) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     with atomic_write(path) as tmp:

@@ -16,12 +16,14 @@ from tqdm.auto import tqdm
 
 from cdiff.config import JudgeConfig, from_dict, to_dict
 from cdiff.data import ImageSet
-from cdiff.errors import CdiffError
-from cdiff.io import atomic_dir, fingerprint, load_safetensors, read_json, save_safetensors, write_json
+from cdiff.errors import CdiffError, shown
+from cdiff.io import Artefact, display_path
+from cdiff.names import check_class_names
 from cdiff.train import BatchPlan
+from cdiff.weights import check_fits, load_weights_folder, on_meta, read_folder_config, save_weights_folder
 
-JUDGE_WEIGHTS = "judge.safetensors"
-JUDGE_CONFIG = "config.json"
+JUDGE = Artefact("judge folder", folder=True, marker="config.json", format="cdiff-judge", weights="judge.safetensors")
+JUDGE_WEIGHTS, JUDGE_CONFIG = JUDGE.weights, JUDGE.marker
 
 
 class Judge(nn.Module):
@@ -103,35 +105,34 @@ def predict(judge: Judge, images: torch.Tensor, batch_size: int = 512) -> tuple[
     return torch.cat(feats), torch.cat(preds)
 
 
-def save_judge(judge: Judge, class_names: list[str], path, extra: dict | None = None) -> str:
-    state = judge.state_dict()
-    fp = fingerprint(state)
+def save_judge(judge: Judge, class_names: list[str], path, extra: dict | None = None, *, overwrite=False) -> str:
+    """Write the judge folder atomically (an existing judge folder only with `overwrite=True`); returns the fingerprint."""
+    check_class_names(list(class_names), "judge class_names")
     config = {
-        "format": "cdiff-judge",
-        "version": 1,
+        **(extra or {}),
         "channels": judge.channels,
         "class_names": list(class_names),
         "judge": to_dict(judge.config),
-        "fingerprint": fp,
-        **(extra or {}),
     }
-    with atomic_dir(path) as tmp:
-        save_safetensors(state, tmp / JUDGE_WEIGHTS)
-        write_json(tmp / JUDGE_CONFIG, config)
-    return fp
+    return save_weights_folder(JUDGE, path, judge.state_dict(), config, overwrite=overwrite)
 
 
 def load_judge(path) -> tuple[Judge, dict]:
-    path = Path(path)
-    config = read_json(path / JUDGE_CONFIG, "judge config")
-    if config.get("format") != "cdiff-judge":
-        raise CdiffError(f"{path} is not a cdiff judge folder (config.json has no format: cdiff-judge)")
-    try:
-        judge = Judge(config["channels"], len(config["class_names"]), from_dict(JudgeConfig, config["judge"], "judge"))
-    except KeyError as e:
-        raise CdiffError(f"{path / JUDGE_CONFIG} misses {e}: the file is corrupt") from e
-    state = load_safetensors(path / JUDGE_WEIGHTS, "judge weights")
-    if fingerprint(state) != config.get("fingerprint"):
-        raise CdiffError(f"{path / JUDGE_WEIGHTS} does not match the fingerprint in config.json: the file is corrupt")
-    judge.load_state_dict(state)
+    """Load a judge folder: config checked field by field, weights against the architecture it describes."""
+    path = Path(path).expanduser()
+    config = read_folder_config(JUDGE, path)
+    where = display_path(path / JUDGE_CONFIG)
+    for key in ("channels", "class_names", "judge"):
+        if key not in config:
+            raise CdiffError(f"{where} misses {key!r}: the file is corrupt")
+    if config["channels"] not in (1, 3) or isinstance(config["channels"], bool):
+        raise CdiffError(f"{where}: channels must be 1 or 3, got {shown(config['channels'])}")
+    names = check_class_names(config["class_names"], f"{where}: class_names")
+    judge_config = from_dict(JudgeConfig, config["judge"], f"{where}: judge")
+    judge_config.validate(f"{where}: judge")
+    tensors, _ = load_weights_folder(JUDGE, path, config)
+    with on_meta():
+        check_fits(Judge(config["channels"], len(names), judge_config).state_dict(), tensors, path)
+    judge = Judge(config["channels"], len(names), judge_config)
+    judge.load_state_dict(tensors)
     return judge.eval(), config

@@ -1,6 +1,10 @@
 """LoRA: low-rank adapters that wrap a frozen nn.Linear, as PEFT does.
 
-y = base_layer(x) + dropout(x) @ lora_A @ lora_B * (lora_alpha / r) * scale
+y = base_layer(x) + dropout(x) @ lora_A @ lora_B * (lora_alpha / r)
+
+An adapter folder is adapter.safetensors (adapter tensors only) + adapter_config.json (settings, the
+base it belongs to, and fingerprints of both). `load_adapter` checks all of it before it touches the
+model, so a refused adapter leaves the model exactly as it was.
 """
 
 from __future__ import annotations
@@ -12,12 +16,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cdiff.config import to_dict
+from cdiff.config import LoraConfig, ModelConfig, from_dict, to_dict
 from cdiff.errors import CdiffError
-from cdiff.io import atomic_dir, fingerprint, load_safetensors, read_json, save_safetensors, write_json
+from cdiff.io import Artefact, display_path, fingerprint
+from cdiff.model import UNet
+from cdiff.names import check_class_names
+from cdiff.weights import check_fits, load_weights_folder, on_meta, read_folder_config, save_weights_folder
 
-ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
+# version 2: adapter_config.json carries a fingerprint of the adapter's own tensors
+ADAPTER = Artefact(
+    "adapter folder",
+    folder=True,
+    marker="adapter_config.json",
+    format="cdiff-adapter",
+    weights="adapter.safetensors",
+    version=2,
+)
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = ADAPTER.weights, ADAPTER.marker
 
 
 class LoRALinear(nn.Module):
@@ -27,7 +42,6 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
         self.base_layer = base_layer
         self.r, self.lora_alpha = r, lora_alpha
-        self.scale = 1.0  # run-time strength of the adapter; 0 turns it off
         like = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         a = torch.empty(r, base_layer.in_features, **like)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear(in, r) would be initialised
@@ -40,7 +54,7 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r * self.scale
+        return self.lora_alpha / self.r
 
     @property
     def merged(self) -> bool:
@@ -65,7 +79,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        if self.merged or self.scale == 0:
+        if self.merged:
             return out
         return out + (self.lora_dropout(x) @ self.lora_A @ self.lora_B) * self.scaling
 
@@ -88,32 +102,50 @@ class _LoraState:
     saved_class_names: list[str] = field(default_factory=list)
 
 
+def _plan(model, targets, extra_trainable) -> list[str]:
+    """The nn.Linear names to wrap; checks every target and extra module before anything is changed."""
+    modules = dict(model.named_modules())
+    names = [
+        name
+        for name, module in modules.items()
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets)
+    ]
+    if not names:
+        raise CdiffError(f"no nn.Linear named {', '.join(targets)} in the model: check lora.targets")
+    for extra in extra_trainable:
+        if extra not in modules:
+            raise CdiffError(f"lora.extra_trainable: the model has no module {extra!r}")
+    return names
+
+
 def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.0, extra_trainable=()) -> list[str]:
     """Wrap every nn.Linear whose name ends with a target ("w_q", "attn.feedforward.0"); freeze all but LoRA and extras.
 
     `extra_trainable` names whole modules (e.g. "prompt") that train too and are saved with the adapter.
-    Returns the injected module names.
+    Returns the injected module names. A bad target or module is refused before the model is changed.
     """
     if getattr(model, "_cdiff_lora", None) is not None:
         raise CdiffError("this model already has a LoRA adapter: unload_lora(model) first")
-    base_fp = fingerprint(model.state_dict())
+    LoraConfig(r, alpha, dropout, list(targets), list(extra_trainable)).validate("lora")
+    names = _plan(model, targets, extra_trainable)
+    is_meta = any(t.is_meta for t in model.state_dict().values())
+    _inject(
+        model, names, r, alpha, dropout, targets, extra_trainable, "" if is_meta else fingerprint(model.state_dict())
+    )
+    return names
+
+
+def _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp: str) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
-    injected = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            setattr(parent, name.rpartition(".")[2], LoRALinear(module, r, alpha, dropout))
-            injected.append(name)
-    if not injected:
-        raise CdiffError(f"no nn.Linear named {', '.join(targets)} in the model: check lora.targets")
+    for name in names:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], LoRALinear(model.get_submodule(name), r, alpha, dropout))
     saved = {}
-    modules = dict(model.named_modules())
     for extra in extra_trainable:
-        if extra not in modules:
-            raise CdiffError(f"lora.extra_trainable: the model has no module {extra!r}")
-        saved[extra] = {k: v.detach().clone() for k, v in modules[extra].state_dict().items()}
-        for p in modules[extra].parameters():
+        module = model.get_submodule(extra)
+        saved[extra] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        for p in module.parameters():
             p.requires_grad_(True)
     model._cdiff_lora = _LoraState(
         r,
@@ -121,12 +153,11 @@ def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.
         float(dropout),
         list(targets),
         list(extra_trainable),
-        injected,
+        list(names),
         base_fp,
         saved,
         list(model.prompt.class_names) if hasattr(model, "prompt") else [],
     )
-    return injected
 
 
 def lora_layers(model) -> list[LoRALinear]:
@@ -141,11 +172,6 @@ def merge_lora(model) -> None:
 def unmerge_lora(model) -> None:
     for layer in lora_layers(model):
         layer.unmerge()
-
-
-def set_lora_scale(model, scale: float) -> None:
-    for layer in lora_layers(model):
-        layer.scale = scale
 
 
 def _state(model) -> _LoraState:
@@ -205,73 +231,123 @@ def trainable_parameter_share(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_adapter(model, path, class_names: list[str] | None = None) -> None:
-    """Write adapter.safetensors (adapter tensors only) and adapter_config.json, atomically as one folder."""
+@dataclass
+class AdapterConfig:
+    """adapter_config.json (less format, version and fingerprint): the LoRA settings and the base it belongs to."""
+
+    r: int
+    lora_alpha: float
+    target_modules: list[str]
+    injected: list[str]
+    base_fingerprint: str
+    base_model: ModelConfig
+    lora_dropout: float = 0.0
+    extra_trainable: list[str] = field(default_factory=list)
+    class_names: list[str] = field(default_factory=list)
+
+    def validate(self, key: str) -> None:
+        LoraConfig(self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable).validate(
+            f"{key}: lora"
+        )
+        self.base_model.validate(f"{key}: base_model")
+        if self.class_names:
+            check_class_names(self.class_names, f"{key}: class_names", limit=self.base_model.num_classes)
+
+
+def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite: bool = False) -> None:
+    """Write adapter.safetensors (adapter tensors only) and adapter_config.json, atomically as one folder.
+
+    An existing adapter folder at `path` is replaced only with `overwrite=True`; NaN/inf tensors are refused.
+    """
     state = _state(model)
-    config = {
-        "format": "cdiff-adapter",
-        "version": 1,
-        "r": state.r,
-        "lora_alpha": state.lora_alpha,
-        "lora_dropout": state.lora_dropout,
-        "target_modules": state.targets,
-        "extra_trainable": state.extra_trainable,
-        "injected": state.injected,
-        "class_names": list(class_names if class_names is not None else model.prompt.class_names),
-        "base_fingerprint": state.base_fingerprint,
-        "base_model": to_dict(model.config),
-    }
-    with atomic_dir(path) as tmp:
-        save_safetensors(adapter_state_dict(model), tmp / ADAPTER_WEIGHTS)
-        write_json(tmp / ADAPTER_CONFIG, config)
+    config = AdapterConfig(
+        r=state.r,
+        lora_alpha=state.lora_alpha,
+        target_modules=state.targets,
+        injected=state.injected,
+        base_fingerprint=state.base_fingerprint,
+        base_model=model.config,
+        lora_dropout=state.lora_dropout,
+        extra_trainable=state.extra_trainable,
+        class_names=list(class_names if class_names is not None else model.prompt.class_names),
+    )
+    config.validate("adapter")
+    save_weights_folder(ADAPTER, path, adapter_state_dict(model), to_dict(config), overwrite=overwrite)
+
+
+def _parse(config: dict, path) -> AdapterConfig:
+    key = display_path(Path(path) / ADAPTER_CONFIG)
+    fields = {k: v for k, v in config.items() if k not in ("format", "version", "fingerprint")}
+    parsed = from_dict(AdapterConfig, fields, key)
+    parsed.validate(key)
+    return parsed
 
 
 def read_adapter_config(path) -> dict:
-    config = read_json(Path(path) / ADAPTER_CONFIG, "adapter config")
-    if config.get("format") != "cdiff-adapter":
-        raise CdiffError(f"{path} is not a cdiff adapter (adapter_config.json has no format: cdiff-adapter)")
+    """adapter_config.json of an adapter folder, every field checked (one-line errors naming the field)."""
+    config = read_folder_config(ADAPTER, path)
+    _parse(config, path)
     return config
 
 
+def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, config) of an adapter folder, checked without a model: the config's fields, the tensors'
+    fingerprint and finiteness, and that they fit the base architecture the config names (on the meta device)."""
+    path = Path(path).expanduser()
+    config = read_folder_config(ADAPTER, path)
+    parsed = _parse(config, path)
+    tensors, _ = load_weights_folder(ADAPTER, path, config)
+    with on_meta():
+        skeleton = UNet(parsed.base_model)
+        try:
+            names = _plan(skeleton, parsed.target_modules, parsed.extra_trainable)
+        except CdiffError as e:
+            raise CdiffError(f"adapter {display_path(path)} does not fit its base model: {e}") from e
+        _inject(skeleton, names, parsed.r, parsed.lora_alpha, 0.0, parsed.target_modules, parsed.extra_trainable, "")
+        expected = adapter_state_dict(skeleton)
+    if names != parsed.injected:
+        raise CdiffError(f"{display_path(path / ADAPTER_CONFIG)}: 'injected' does not match target_modules")
+    check_fits(expected, tensors, path)
+    return tensors, config
+
+
 def load_adapter(model, path) -> list[str]:
-    """Load an adapter onto its base model (unloading any current one first); refuses a foreign base."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CdiffError(f"adapter folder not found: {path}")
-    config = read_adapter_config(path)
-    tensors = load_safetensors(path / ADAPTER_WEIGHTS, "adapter weights")
-    if config.get("base_model") != to_dict(model.config):
-        raise CdiffError(f"adapter {path} was made for another model architecture: use the base it was trained on")
-    if getattr(model, "_cdiff_lora", None) is not None:
-        unload_lora(model)
-    if fingerprint(model.state_dict()) != config.get("base_fingerprint"):
-        raise CdiffError(f"adapter {path} was trained on other base weights (fingerprint mismatch): use its own base")
-    try:
-        inject_lora(
-            model,
-            config["target_modules"],
-            int(config["r"]),
-            float(config["lora_alpha"]),
-            float(config.get("lora_dropout", 0.0)),
-            config.get("extra_trainable", []),
+    """Load an adapter onto its base model (unloading any current one first); refuses a foreign base.
+
+    Every check runs before the model is changed: a refused adapter leaves the model exactly as it was
+    (weights, modules, class names and any adapter it carried).
+    """
+    path = Path(path).expanduser()
+    tensors, config = read_adapter(path)
+    parsed = _parse(config, path)
+    if to_dict(parsed.base_model) != to_dict(model.config):
+        raise CdiffError(
+            f"adapter {display_path(path)} was made for another model architecture: use the base it was trained on"
         )
-    except (KeyError, TypeError, ValueError) as e:
-        raise CdiffError(f"adapter config {path / ADAPTER_CONFIG} is incomplete or invalid ({e})") from e
-    expected = adapter_state_dict(model)
-    if set(expected) != set(tensors) or any(expected[k].shape != tensors[k].shape for k in expected):
+    current = getattr(model, "_cdiff_lora", None)
+    base_fp = current.base_fingerprint if current is not None else fingerprint(model.state_dict())
+    if base_fp != parsed.base_fingerprint:
+        raise CdiffError(
+            f"adapter {display_path(path)} was trained on other base weights (fingerprint mismatch): use its own base"
+        )
+    if current is not None:
         unload_lora(model)
-        raise CdiffError(f"adapter weights in {path} do not match its config: the file is corrupt or foreign")
+    _inject(
+        model,
+        parsed.injected,
+        parsed.r,
+        parsed.lora_alpha,
+        parsed.lora_dropout,
+        parsed.target_modules,
+        parsed.extra_trainable,
+        base_fp,
+    )
+    own = adapter_state_dict(model)
     with torch.no_grad():
         for k, v in tensors.items():
-            expected[k].copy_(v)
-    names = config.get("class_names")
-    if names:
-        if len(names) > model.config.num_classes:
-            unload_lora(model)
-            raise CdiffError(
-                f"adapter {path} has {len(names)} classes; the base has room for {model.config.num_classes}"
-            )
-        model.prompt.class_names = list(names)
+            own[k].copy_(v)
+    if parsed.class_names:
+        model.prompt.class_names = list(parsed.class_names)
     for p in model.parameters():
         p.requires_grad_(False)
-    return config["injected"]
+    return list(parsed.injected)

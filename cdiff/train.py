@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from cdiff.config import TrainConfig
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
+from cdiff.io import check_finite
 from cdiff.schedule import NoiseSchedule, diffusion_loss
 
 
@@ -158,8 +159,9 @@ def train(
         )
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in core.parameters() if p.requires_grad], cfg.grad_clip)
+        trainable = [p for p in core.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        _stop_if_diverged(step, loss, grad_norm)  # before the step: no NaN reaches the weights or a checkpoint
         state.optimizer.step()
         state.ema.update(core, step)
         state.step += 1
@@ -177,7 +179,18 @@ def train(
             on_checkpoint(state)
     bar.close()
     state.ema.copy_to(core)
+    check_finite(dict(core.named_parameters()), f"training ended at step {state.step} with broken weights")
     return state
+
+
+def _stop_if_diverged(step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+    """One line naming the step when the loss or the gradients go NaN/inf. The gradients are all-reduced,
+    so every DDP worker sees the same norm and stops at the same step."""
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise CdiffError(
+            f"training diverged at step {step + 1} (loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}): "
+            "lower the learning rate (or LoRA alpha); nothing was saved"
+        )
 
 
 @torch.no_grad()

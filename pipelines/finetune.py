@@ -51,7 +51,7 @@ def main(name: str) -> None:
         val = validation_loss(model, schedule, val_set, p.evaluate.val_images, seed=p.seed)
         trainable, _ = trainable_parameter_share(model)
         share = trainable / sum(t.numel() for t in base.parameters())
-        save_adapter(model, Paths.adapters / name, class_names=train_set.class_names)
+        save_adapter(model, Paths.adapters / name, class_names=train_set.class_names, overwrite=True)
         mlflow.log_metrics({"val_loss": val, "trainable_params": trainable, "trainable_share": share})
         mlflow.log_artifacts(str(Paths.adapters / name), "adapter")
         write_curve(Paths.plots / f"finetune-{name}_loss.csv", curve)

@@ -39,7 +39,8 @@ def main(name: str) -> None:
             base_state=base.state_dict(),
             mlflow_run_id=run.info.run_id,
         )
-        save_model(model, p.diffusion, Paths.full / name, extra={"base_fingerprint": base_config["fingerprint"]})
+        extra = {"base_fingerprint": base_config["fingerprint"]}
+        save_model(model, p.diffusion, Paths.full / name, extra=extra, overwrite=True)
         scores = Scorer(p, name, test_set).model(model, schedule)
         metrics = {
             "test_loss": validation_loss(model, schedule, test_set, p.evaluate.val_images, seed=p.seed),

@@ -27,7 +27,8 @@ def main(name: str) -> None:
         judge = train_judge(train_set, p.judge, seed=p.seed)
         accuracy = class_accuracy(predict(judge, test_set.as_float())[1], test_set.labels, test_set.class_names)
         mkdirs(Paths.judges, Paths.metrics)
-        save_judge(judge, train_set.class_names, Paths.judges / dataset, extra={"test_accuracy": accuracy["accuracy"]})
+        extra = {"test_accuracy": accuracy["accuracy"]}
+        save_judge(judge, train_set.class_names, Paths.judges / dataset, extra=extra, overwrite=True)
         keys = dict(zip(test_set.class_names, safe_names(test_set.class_names), strict=True))
         per_class = {keys[k]: v for k, v in accuracy["per_class"].items()}
         mlflow.log_metrics(

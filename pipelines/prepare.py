@@ -6,7 +6,7 @@ python -m pipelines.prepare DOMAIN      # one domain (data.domains.DOMAIN)
 
 import sys
 
-from cdiff.data import prepare_domain, save_imageset
+from cdiff.data import DATASET, prepare_domain, save_imageset
 from cdiff.errors import CdiffError
 from cdiff.io import atomic_dir, write_json
 from pipelines.common import Paths, mkdirs, params, stage
@@ -31,11 +31,12 @@ def main(name: str) -> None:
             f"{domain.source} has {len(sets['train'].class_names)} classes; model.num_classes is {p.model.num_classes}"
         )
     mkdirs(Paths.prepared)
-    with atomic_dir(Paths.prepared / domain.name) as out:
+    with atomic_dir(Paths.prepared / domain.name, DATASET, overwrite=True) as out:
         summary = {split: {"count": len(s), "fingerprint": save_imageset(s, out, split)} for split, s in sets.items()}
         write_json(
             out / "summary.json",
             {
+                "format": DATASET.format,
                 "source": domain.source,
                 "transforms": domain.transforms,
                 "class_names": sets["train"].class_names,

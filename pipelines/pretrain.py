@@ -26,7 +26,7 @@ def main() -> None:
         model, curve = fit(p, "pretrain", model_cfg, train_set, p.train.base, mlflow_run_id=run.info.run_id)
         schedule = NoiseSchedule(p.diffusion)
         val = validation_loss(model, schedule, val_set, p.evaluate.val_images, seed=p.seed)
-        fp = save_model(model, p.diffusion, Paths.base_model)
+        fp = save_model(model, p.diffusion, Paths.base_model, overwrite=True)
         mlflow.log_metrics({"val_loss": val, "final_train_loss": curve[-1][1]})
         write_curve(Paths.plots / "pretrain_loss.csv", curve)
         ids = [c for c in range(len(model.class_names)) for _ in range(p.sample.per_class)]

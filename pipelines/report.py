@@ -10,17 +10,19 @@ import shutil
 import mlflow
 
 from cdiff import report as r
-from cdiff.io import atomic_dir, atomic_write, read_json, write_json
+from cdiff.io import Artefact, atomic_dir, atomic_write, read_json, write_json
 from pipelines import tracking
 from pipelines.common import Paths, params, sampler_spec, stage
+
+REPORT = Artefact("report folder", folder=True, marker="summary.json", format="cdiff-report")
 
 
 @stage
 def main() -> None:
     p = params()
     settings = f"{sampler_spec(p)}, guidance {p.sample.guidance_scale}, {p.evaluate.fid_per_class} samples per class"
-    summary = {"settings": settings, "domains": {}}
-    with atomic_dir(Paths.reports) as out:
+    summary = {"format": REPORT.format, "settings": settings, "domains": {}}
+    with atomic_dir(Paths.reports, REPORT, overwrite=True) as out:
         summary["base"] = base_report(p, out / "base", settings)
         for name in p.data.domains:
             summary["domains"][name] = domain_report(p, name, out / name, settings)

@@ -88,15 +88,12 @@ def test_info_and_merge(model_dir, capsys):
     [
         (["--class", "horse"], "unknown class 'horse'"),
         (["--steps", "0"], "must be at least 1"),
-        (["--guidance", "-1"], ">= 0"),
-        (["--guidance", "nan"], ">= 0"),
+        (["--guidance", "-1"], "must be a finite number in [0, 100]"),
+        (["--guidance", "nan"], "must be a finite number in [0, 100]"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(model_dir, capsys, extra, message):
-    try:
-        code = main(["sample", str(model_dir / "model"), *extra, "-o", str(model_dir / "g.png")])
-    except SystemExit as e:  # argparse's own checks
-        code = e.code
+    code = main(["sample", str(model_dir / "model"), *extra, "-o", str(model_dir / "g.png")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1
 
@@ -115,3 +112,128 @@ def test_train_writes_a_loadable_model(tmp_path):
     assert main(["train", "--source", "sklearn-digits", "--steps", "2", "-o", str(tmp_path / "m")]) == 0
     model, _, config = load_model(tmp_path / "m")
     assert model.class_names == [str(i) for i in range(10)] and config["model"]["image_size"] == 28
+
+
+def _tree(root):
+    """Every path under root with its content: what a refused command must leave alone."""
+    import os
+    import stat
+
+    out = {}
+    for p in sorted(root.rglob("*")):
+        st = os.lstat(p)
+        out[str(p.relative_to(root))] = p.read_bytes() if stat.S_ISREG(st.st_mode) else stat.S_IFMT(st.st_mode)
+    return out
+
+
+def _one_error_line(capsys) -> str:
+    from tests.fuzzing import visible_lines
+
+    err = visible_lines(capsys.readouterr().err)  # what a terminal shows: progress bars are redrawn with \r
+    assert len(err) == 1 and err[0].startswith("cdiff: error: "), err
+    return err[0]
+
+
+def test_sample_refuses_an_existing_folder_before_sampling(model_dir, capsys, monkeypatch):
+    import cdiff.samplers
+
+    monkeypatch.setattr(cdiff.samplers, "sample", lambda *a, **k: pytest.fail("sampled before checking -o"))
+    (model_dir / "out").mkdir()
+    assert main(["sample", str(model_dir / "model"), "-o", str(model_dir / "out")]) == 2
+    assert "is a folder" in _one_error_line(capsys)
+
+
+def test_merge_never_replaces_what_it_does_not_write(model_dir, capsys, monkeypatch):
+    """The reported disaster: `cdiff merge models/base A -o models` emptied models/. Now refused, before loading."""
+    models = model_dir / "models"
+    models.mkdir()
+    (model_dir / "model").rename(models / "base")
+    (models / "notes.txt").write_text("mine")
+    monkeypatch.chdir(model_dir)
+    before = _tree(model_dir)
+    for output, message in [
+        ("models", "holds the input"),
+        ("models/base", "is the input"),
+        (".", "holds the input"),
+        ("adapter", "is the input"),
+        ("models/notes.txt", "is a file"),
+    ]:
+        for overwrite in ([], ["--overwrite"]):
+            assert main(["merge", "models/base", "adapter", "-o", output, *overwrite]) == 2
+            assert message in _one_error_line(capsys)
+    assert _tree(model_dir) == before
+    assert main(["merge", "models/base", "adapter", "-o", "models/merged"]) == 0
+    assert main(["merge", "models/base", "adapter", "-o", "models/merged"]) == 2
+    assert "pass --overwrite" in _one_error_line(capsys)
+    assert main(["merge", "models/base", "adapter", "-o", "models/merged", "--overwrite"]) == 0
+    assert (models / "notes.txt").read_text() == "mine" and (models / "base" / "config.json").is_file()
+
+
+def test_sample_onto_a_device_is_refused_even_as_root(model_dir, capsys):
+    import os
+    import stat
+
+    assert main(["sample", str(model_dir / "model"), "--n", "1", "--steps", "1", "-o", "/dev/null"]) == 2
+    assert "character device" in _one_error_line(capsys) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+
+
+def test_device_without_cuda_is_one_line(model_dir, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["sample", str(model_dir / "model"), "--device", "cuda", "-o", str(model_dir / "g.png")]) == 2
+    assert "CUDA is not available" in _one_error_line(capsys)
+
+
+def test_a_diverging_cdiff_train_stops_naming_the_step_and_saves_nothing(tmp_path, capsys, monkeypatch):
+    from cdiff.model import UNet
+
+    forward = UNet.forward
+
+    def diverging(self, x, t, y):  # the second training step blows up
+        out = forward(self, x, t, y)
+        self._calls = getattr(self, "_calls", 0) + 1
+        return out * float("nan") if self.training and self._calls == 2 else out
+
+    monkeypatch.setattr(UNet, "forward", diverging)
+    assert main(["train", "--source", "sklearn-digits", "--steps", "5", "-o", str(tmp_path / "m")]) == 2
+    assert "training diverged at step 2" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_stops_cdiff_train_in_one_line_and_writes_nothing(tmp_path):
+    import signal
+    import time
+
+    from tests.fuzzing import visible_lines
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cdiff", "train", "--source", "sklearn-digits", "--steps", "100000", "-o", "m"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    seen, deadline = "", time.time() + 120
+    while "train:" not in seen and time.time() < deadline:  # wait for the progress bar: training has started
+        char = proc.stderr.read(1)
+        if not char:
+            break
+        seen += char
+    proc.send_signal(signal.SIGTERM)
+    _, rest = proc.communicate(timeout=60)
+    err = seen + rest
+    lines = visible_lines(err)
+    assert (
+        proc.returncode == 128 + signal.SIGTERM
+        and lines == [lines[-1]]
+        and lines[-1].startswith("cdiff: interrupted (SIGTERM)")
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_paths_expand_home_and_odd_names_print(model_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(model_dir))
+    assert main(["sample", "~/model", "--n", "1", "--steps", "1", "-o", "~/caf\udce9.png"]) == 0
+    assert "caf\\udce9.png" in capsys.readouterr().out
+    assert [p.name for p in model_dir.glob("caf*.png")] == ["caf\udce9.png"]

@@ -59,3 +59,74 @@ def test_broken_yaml_is_one_line(tmp_path):
     path.write_text("model: [unclosed\n")
     with pytest.raises(CdiffError, match="not valid YAML"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (lambda r: r["data"]["domains"]["digits"]["lora"].update(alpha=float("inf")), "data.domains.digits.lora.alpha"),
+        (lambda r: r["train"]["lora"].update(weight_decay=float("inf")), "train.lora.weight_decay"),
+        (lambda r: r["sample"].update(eta=float("inf")), "sample.eta"),
+        (lambda r: r["sample"].update(guidance_scale=-float("inf")), "sample.guidance_scale"),
+        (lambda r: r["diffusion"].update(beta_end=10**400), "diffusion.beta_end"),
+        (lambda r: r["ray"].update(cpus_per_worker=float("inf")), "ray.cpus_per_worker"),
+        (lambda r: r["data"]["domains"]["digits"].update(transforms=["rotate:nan"]), "data.domains.digits.transforms"),
+    ],
+)
+def test_non_finite_values_are_refused_naming_the_key(tmp_path, edit, key):
+    with pytest.raises(CdiffError) as err:
+        load_params(_write(tmp_path, edit))
+    assert str(err.value).startswith(key) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "edit,key,message",
+    [
+        (lambda r: r["data"]["domains"]["digits"]["lora"].update(alpha=1e6), "lora.alpha", r"\(0, 4096\]"),
+        (lambda r: r["train"]["base"].update(weight_decay=5.0), "train.base.weight_decay", r"\[0, 1\]"),
+        (lambda r: r["train"]["base"].update(lr=10.0), "train.base.lr", r"\(0, 1\]"),
+        (lambda r: r["sample"].update(eta=1.5), "sample.eta", r"\[0, 1\]"),
+        (lambda r: r["model"].update(image_size=100_000), "model.image_size", "at most 1024"),
+        (lambda r: r["model"].update(num_classes=10**12), "model.num_classes", "at most 100000"),
+        (lambda r: r["train"]["base"].update(steps=10**30), "train.base.steps", "at most"),
+    ],
+)
+def test_finite_values_that_would_explode_are_bounded(tmp_path, edit, key, message):
+    with pytest.raises(CdiffError, match=message) as err:
+        load_params(_write(tmp_path, edit))
+    assert key in str(err.value)
+
+
+def test_yaml_alias_bombs_are_refused_fast_with_a_short_message(tmp_path):
+    import time
+
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(lines) + "\n")  # 10**9 values once expanded, from 800 bytes
+    start = time.perf_counter()
+    with pytest.raises(CdiffError, match="aliases expand it past") as err:
+        load_params(path)
+    assert time.perf_counter() - start < 5 and len(str(err.value)) < 200
+    path.write_text("model: &m [*m]\n")
+    with pytest.raises(CdiffError, match="refers to itself"):
+        load_params(path)
+    path.write_text("model: " + "[" * 10_000 + "]" * 10_000 + "\n")
+    with pytest.raises(CdiffError, match="nested too deeply"):
+        load_params(path)
+
+
+def test_a_small_alias_still_works_and_huge_values_make_short_messages(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    text = yaml.safe_dump(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("alpha: 4.0", "alpha: &g 2.5", 1).replace("alpha: 4.0", "alpha: *g"))
+    assert {d.lora.alpha for d in load_params(path).data.domains.values()} == {2.5}
+    path.write_text(text.replace("mlflow:", "junk: &j [" + ", ".join(["x" * 1000] * 100) + "]\nmlflow:"))
+    with pytest.raises(CdiffError, match="^junk: unknown key") as err:
+        load_params(path)
+    assert len(str(err.value)) < 300
+    path.write_text(yaml.safe_dump(raw).replace("n_ctx: 4", "n_ctx: [" + ", ".join(["y" * 1000] * 1000) + "]"))
+    with pytest.raises(CdiffError, match="model.n_ctx: expected an integer") as err:
+        load_params(path)
+    assert len(str(err.value)) < 300

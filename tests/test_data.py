@@ -3,7 +3,15 @@ import pytest
 import torch
 from PIL import Image
 
-from cdiff.data import apply_transforms, load_imageset, load_source, parse_transforms, prepare_domain, save_imageset
+from cdiff.data import (
+    ImageSet,
+    apply_transforms,
+    load_imageset,
+    load_source,
+    parse_transforms,
+    prepare_domain,
+    save_imageset,
+)
 from cdiff.errors import CdiffError
 
 
@@ -103,3 +111,122 @@ def test_prepared_sets_round_trip_and_detect_corruption(tmp_path):
     (tmp_path / "train.safetensors").write_bytes((tmp_path / "val.safetensors").read_bytes())
     with pytest.raises(CdiffError, match="corrupt"):
         load_imageset(tmp_path, "train")
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (no pixel data): PIL reads the size before decoding."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def test_16_bit_pngs_are_scaled_not_clipped(tmp_path):
+    ramp = (np.arange(16 * 16).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535 in steps of 257
+    Image.fromarray(ramp).save(tmp_path / "x.png")
+    assert Image.open(tmp_path / "x.png").mode.startswith("I;16")
+    from cdiff.data import _read_image
+
+    grey = _read_image(tmp_path / "x.png", 1, 16)[0]
+    assert np.array_equal(grey, np.arange(256).reshape(16, 16))  # 65535 -> 255, 257 -> 1: scaled
+    rgb = _read_image(tmp_path / "x.png", 3, 16)
+    assert rgb.shape == (3, 16, 16) and np.array_equal(rgb[2], grey)
+
+
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b"this is not a png", "not an image file"),
+        (None, "truncated file"),
+        (_png_header(20000, 20000), "too large"),
+        (_png_header(12000, 12000), "too large"),  # above PIL's warning limit: refused, not a warning
+    ],
+)
+def test_image_read_errors_say_the_real_reason(tmp_path, content, reason):
+    img = Image.fromarray(np.zeros((8, 8), np.uint8))
+    spec = _folder(tmp_path, {"a": {"x.png": img}, "b": {"y.png": img}})
+    if content is None:
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(tmp_path / "b" / "y.png")
+        content = (tmp_path / "b" / "y.png").read_bytes()[:300]
+    (tmp_path / "b" / "y.png").write_bytes(content)
+    with pytest.raises(CdiffError, match=f"cannot read image .*y.png: {reason}") as err:
+        load_source(spec, "train", 8, 1)
+    assert "\n" not in str(err.value)
+
+
+def test_dot_files_are_skipped_and_a_fifo_is_refused_without_hanging(tmp_path):
+    import os
+    import signal
+
+    img = Image.fromarray(np.zeros((8, 8), np.uint8))
+    spec = _folder(tmp_path, {"a": {"A_0001.png": img, "A_0002.png": img}})
+    (tmp_path / "a" / "._A_0001.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+    (tmp_path / ".Trashes").mkdir()
+    assert len(load_source(spec, "train", 8, 1)) + len(load_source(spec, "test", 8, 1)) == 2
+    os.mkfifo(tmp_path / "a" / "x.png")
+    signal.alarm(20)  # a hang fails the test instead of stalling the suite
+    try:
+        with pytest.raises(CdiffError, match="x.png is not a regular file"):
+            load_source(spec, "train", 8, 1)
+    finally:
+        signal.alarm(0)
+
+
+def test_relative_and_home_paths_are_resolved_and_reported(tmp_path, monkeypatch):
+    img = Image.fromarray(np.zeros((8, 8), np.uint8))
+    _folder(tmp_path / "home" / "pics", {"a": {"1.png": img, "2.png": img}})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert load_source("imagefolder:~/pics", "train", 8, 1).class_names == ["a"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CdiffError, match=f"image folder not found: pics \\(relative to {tmp_path}\\)"):
+        load_source("imagefolder:pics", "train", 8, 1)
+
+
+def test_a_non_utf8_class_folder_is_refused_at_prepare_time(tmp_path):
+    import os
+
+    img = Image.fromarray(np.zeros((8, 8), np.uint8))
+    spec = _folder(tmp_path, {"a": {"1.png": img, "2.png": img}})
+    os.mkdir(os.fsencode(tmp_path) + b"/caf\xe9")
+    img.save(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9/1.png"))
+    with pytest.raises(CdiffError, match="must be printable text") as err:
+        load_source(spec, "train", 8, 1)
+    str(err.value).encode("utf-8")  # the message itself is printable
+
+
+@pytest.mark.parametrize("spec", ["subset_classes:[1, 1]", "subset_classes:['3', 3]", "subset_classes:[a, a]"])
+def test_subset_classes_refuses_duplicates(spec):
+    with pytest.raises(CdiffError, match="twice"):
+        parse_transforms([spec], "t")
+
+
+def test_subset_classes_refuses_one_class_by_name_and_by_id():
+    data = load_source("sklearn-digits", "test", 8, 1)
+    with pytest.raises(CdiffError, match="names one class twice"):
+        apply_transforms(data, ["subset_classes:['3', '03']"], "test")  # the class named 3, and id 3
+
+
+@pytest.mark.parametrize("spec", ["rotate:nan", "rotate:inf", "rotate:-inf", "rotate:1e308", "rotate:361"])
+def test_rotate_needs_a_finite_bounded_angle(spec):
+    with pytest.raises(CdiffError, match=r"rotate needs a finite angle in \[-360, 360\]"):
+        parse_transforms([spec], "t")
+
+
+def test_split_is_stratified_by_class_and_seeded():
+    from cdiff.data import _split
+
+    labels = torch.tensor([0] * 50 + [1] * 10 + [2] * 3 + [3] * 1)
+    full = ImageSet(torch.arange(64).view(64, 1, 1, 1).to(torch.uint8), labels, ["a", "b", "c", "d"])
+    train, test = _split(full, "train", seed=1), _split(full, "test", seed=1)
+    assert test.labels.bincount(minlength=4).tolist() == [10, 2, 1, 0]  # round(n / 5), at least 1, at most n - 1
+    assert sorted(train.images.flatten().tolist() + test.images.flatten().tolist()) == list(range(64))
+    assert torch.equal(_split(full, "test", seed=1).images, test.images)
+    assert not torch.equal(_split(full, "test", seed=2).images, test.images)
+    digits = [load_source("sklearn-digits", "test", 8, 1, seed=s) for s in (0, 0, 5)]
+    assert torch.equal(digits[0].images, digits[1].images) and not torch.equal(digits[0].images, digits[2].images)
+    counts = digits[0].labels.bincount().float()
+    assert counts.max() - counts.min() <= 2  # sklearn's digits are balanced: so is the stratified test split

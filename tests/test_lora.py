@@ -7,6 +7,7 @@ from cdiff.lora import (
     LoRALinear,
     inject_lora,
     load_adapter,
+    lora_layers,
     merge_and_unload,
     merge_lora,
     save_adapter,
@@ -144,3 +145,150 @@ def test_corrupt_or_pickled_adapter_files_are_refused(tiny_model, tmp_path):
     with pytest.raises(CdiffError, match="not a valid safetensors file"):
         load_adapter(tiny_model, tmp_path / "a")
     assert getattr(tiny_model, "_cdiff_lora", None) is None  # nothing half-loaded
+
+
+# ---- refused adapters: one line, and the model exactly as it was ------------------------------------
+
+
+def _edit_config(folder, **changes):
+    import json
+
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
+
+
+def _repoint(folder, tensors):
+    """Replace the adapter's tensors and fix up its fingerprint: a consistent but broken adapter."""
+    from safetensors.torch import save_file
+
+    from cdiff.io import fingerprint
+
+    save_file(tensors, str(folder / "adapter.safetensors"))
+    _edit_config(folder, fingerprint=fingerprint(tensors))
+
+
+def _nan_tensors(folder):
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    name = sorted(tensors)[0]
+    tensors[name] = torch.full_like(tensors[name], float("nan"))
+    _repoint(folder, tensors)
+
+
+def _other_tensors(folder):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "adapter.safetensors"))
+    save_file({k: v + 1 for k, v in tensors.items()}, str(folder / "adapter.safetensors"))
+
+
+def _other_base(folder):
+    _edit_config(folder, base_fingerprint="0" * 64)
+
+
+BAD_ADAPTERS = {
+    "missing extra module": (lambda f: _edit_config(f, extra_trainable=["nope"]), "has no module 'nope'"),
+    "target matching nothing": (lambda f: _edit_config(f, target_modules=["nope"]), "no nn.Linear named nope"),
+    "rank changed (shape mismatch)": (lambda f: _edit_config(f, r=3), "do not fit its config"),
+    "tensors of another adapter": (_other_tensors, "does not match the fingerprint"),
+    "truncated tensors": (
+        lambda f: (f / "adapter.safetensors").write_bytes((f / "adapter.safetensors").read_bytes()[:99]),
+        "not a valid safetensors file",
+    ),
+    "NaN tensors, fingerprint fixed up": (_nan_tensors, "holds NaN or infinite values"),
+    "lora_alpha NaN": (lambda f: _edit_config(f, lora_alpha=float("nan")), "not valid JSON"),
+    "lora_alpha text": (lambda f: _edit_config(f, lora_alpha="4"), "lora_alpha: expected a number"),
+    "lora_alpha huge": (lambda f: _edit_config(f, lora_alpha=1e300), r"lora.alpha: must be in \(0, 4096\]"),
+    "r not an integer": (lambda f: _edit_config(f, r=2.5), "r: expected an integer"),
+    "r negative": (lambda f: _edit_config(f, r=-1), "LoRA rank must be at least 1"),
+    "too many class names": (lambda f: _edit_config(f, class_names=list("abcd")), "room for 3 classes"),
+    "no fingerprint (an older cdiff)": (lambda f: _edit_config(f, fingerprint=None, version=1), "has no fingerprint"),
+    "trained on another base": (_other_base, "trained on other base weights"),
+    "another architecture": (
+        lambda f: _edit_config(f, base_model={**tiny_config().__dict__, "image_size": 16}),
+        "another",
+    ),
+    "injected list edited": (lambda f: _edit_config(f, injected=["prompt.norm"]), "'injected' does not match"),
+    "unknown key": (lambda f: _edit_config(f, scale=2.0), "scale: unknown key"),
+}
+
+
+def _snapshot(model):
+    state = getattr(model, "_cdiff_lora", None)
+    lora = None
+    if state is not None:
+        lora = {k: v for k, v in vars(state).items() if k != "saved_modules"}
+        lora["saved"] = {m: {k: v.clone() for k, v in t.items()} for m, t in state.saved_modules.items()}
+    return {
+        "tensors": {k: v.clone() for k, v in model.state_dict().items()},
+        "modules": [(n, type(m).__name__) for n, m in model.named_modules()],
+        "merged": [layer.merged for layer in lora_layers(model)],
+        "class_names": list(model.class_names),
+        "grad": [(n, p.requires_grad) for n, p in model.named_parameters()],
+        "lora": lora,
+    }
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("carrying", ["no adapter", "a merged adapter"])
+@pytest.mark.parametrize("kind", list(BAD_ADAPTERS))
+def test_a_refused_adapter_leaves_the_model_exactly_as_it_was(tmp_path, kind, carrying):
+    torch.manual_seed(0)
+    model = UNet(tiny_config(), ["cat", "dog", "bird"])
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, name in enumerate(["good", "other", "bad"]):
+        inject_lora(model, r=2, alpha=2, extra_trainable=["prompt"])
+        _randomize_lora(model, seed=i)
+        save_adapter(model, tmp_path / name, class_names=[f"{name}{c}" for c in range(3)])
+        unload_lora(model)
+    edit, message = BAD_ADAPTERS[kind]
+    edit(tmp_path / "bad")
+    if carrying == "a merged adapter":
+        load_adapter(model, tmp_path / "other")
+        merge_lora(model)
+    before = _snapshot(model)
+    with pytest.raises(CdiffError, match=message) as err:
+        load_adapter(model, tmp_path / "bad")
+    assert "\n" not in str(err.value)
+    assert _same(_snapshot(model), before)
+    load_adapter(model, tmp_path / "good")  # and the next, good adapter loads as onto a fresh base
+    fresh = UNet(tiny_config(), ["cat", "dog", "bird"])
+    fresh.load_state_dict(base_state)
+    load_adapter(fresh, tmp_path / "good")
+    assert torch.equal(model.eval()(X, T, Y), fresh.eval()(X, T, Y)) and model.class_names == [
+        "good0",
+        "good1",
+        "good2",
+    ]
+
+
+def test_inject_lora_checks_before_it_changes_the_model(tiny_model):
+    before = _snapshot(tiny_model)
+    with pytest.raises(CdiffError, match="has no module 'nope'"):
+        inject_lora(tiny_model, r=2, alpha=2, extra_trainable=["nope"])
+    with pytest.raises(CdiffError, match="alpha"):
+        inject_lora(tiny_model, r=2, alpha=float("inf"))
+    assert _same(_snapshot(tiny_model), before)
+
+
+def test_adapters_carry_their_own_fingerprint_and_refuse_nan(tiny_model, tmp_path):
+    import json
+
+    inject_lora(tiny_model, r=2, alpha=2)
+    save_adapter(tiny_model, tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert config["version"] == 2 and len(config["fingerprint"]) == 64
+    with torch.no_grad():
+        lora_layers(tiny_model)[0].lora_B[0, 0] = float("inf")
+    with pytest.raises(CdiffError, match="holds NaN or infinite"):
+        save_adapter(tiny_model, tmp_path / "b")
+    assert not (tmp_path / "b").exists()

@@ -1,7 +1,9 @@
+import pytest
 import torch
 
 from cdiff.config import TrainConfig
 from cdiff.data import ImageSet
+from cdiff.errors import CdiffError
 from cdiff.lora import inject_lora
 from cdiff.model import UNet
 from cdiff.train import BatchPlan, new_state, train, validation_loss
@@ -105,3 +107,31 @@ def test_lora_dropout_training_is_reproducible(schedule):
         train(model, schedule, data, cfg, seed=0, p_uncond=0.1, progress=False)
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_non_finite_loss_stops_training_naming_the_step(schedule, grad_clip):
+    torch.manual_seed(0)
+    model, data = UNet(tiny_config()), _toy_data()
+    calls = []
+
+    def blow_up(module, args, output):  # the third forward pass goes to inf, as a diverging run would
+        calls.append(1)
+        return output * float("inf") if len(calls) == 3 else output
+
+    model.head.register_forward_hook(blow_up)
+    cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=0, checkpoint_every=1, log_every=1, grad_clip=grad_clip)
+    checkpoints = []
+    with pytest.raises(CdiffError, match=r"training diverged at step 3 \(loss inf") as err:
+        train(
+            model,
+            schedule,
+            data,
+            cfg,
+            seed=0,
+            p_uncond=0.1,
+            progress=False,
+            on_checkpoint=lambda s: checkpoints.append(s.step),
+        )
+    assert "\n" not in str(err.value) and checkpoints == [1, 2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step never reached the weights

@@ -40,7 +40,7 @@ class PromptEncoder(nn.Module):
         super().__init__()
         self.num_classes, self.n_ctx, self.ctx_dim = num_classes, n_ctx, ctx_dim
         self.embedding = nn.Embedding(num_classes + 1, n_ctx * ctx_dim)
-        self.position = nn.Parameter(torch.randn(n_ctx, ctx_dim) * 0.02)
+        self.position = nn.Parameter(torch.randn(n_ctx, ctx_dim).mul_(0.02))  # in place: cheap on the meta device too
         self.norm = nn.LayerNorm(ctx_dim)
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
 
