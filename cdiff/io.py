@@ -328,20 +328,21 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
 def load_safetensors(path, what: str) -> dict[str, torch.Tensor]:
     """Load tensors only: safetensors never runs code, and a pickle or junk file is refused in one line."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = Path(path)
     if not path.is_file():
         raise CdiffError(f"{what} not found: {display_path(path)}")
     try:
-        return load_file(str(path))
+        return load(path.read_bytes())  # bytes, not a path: safetensors refuses paths that are not UTF-8
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         reason = (str(e).splitlines() or [e.__class__.__name__])[0][:200]
         raise CdiffError(f"{what} {display_path(path)} is not a valid safetensors file ({reason})") from e
 
 
 def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
+    data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     with atomic_write(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        tmp.write_bytes(data)

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
+from hypothesis.control import currently_in_test_context
 from PIL import Image
 
 from cdiff.checkpoint import load_model, save_model
@@ -105,16 +106,16 @@ def make_workspace(root: Path) -> Path:
     summary = {"metrics": {k: 1.0 for k in ("fid_floor", "fid_base", "fid_adapter", "gan_test_adapter")}}
     summary["metrics"].update(judge_test_accuracy=0.9, r=2, alpha=2.0, trainable_share=0.01)
     (root / "summary.json").write_text(json.dumps({"settings": "s", "domains": {"d": {**summary, "goals": []}}}))
-    os.mkfifo(root / "fifo.png")
     os.symlink("grid.png", root / "link.png")
     return root
 
 
 @contextlib.contextmanager
 def copy_of(workspace: Path):
-    """A fresh copy of the workspace as cwd and HOME (so `~` stays inside), removed afterwards."""
+    """A fresh copy of the workspace (plus a FIFO and a socket) as cwd and HOME (so `~` stays inside)."""
     work = Path(tempfile.mkdtemp(prefix="cdiff-fuzz-"))
     shutil.copytree(workspace, work, symlinks=True, dirs_exist_ok=True)
+    os.mkfifo(work / "fifo.png")  # special files do not copy: made here
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(str(work / "sock.png"))
     cwd, home = os.getcwd(), os.environ.get("HOME")
@@ -162,6 +163,8 @@ def output_of(argv: list[str]) -> str | None:
 
 def assert_contract(code: int, err: str, work: Path, before: dict, output: str | None) -> None:
     """Exit 0 or 2 (one line); no traceback; on 0 only the output path changed, on 2 nothing did."""
+    if currently_in_test_context():  # what the examples reached: pytest --hypothesis-show-statistics
+        event(f"exit {code}: {visible_lines(err)[-1][:40] if code else 'ok'}")
     assert "Traceback" not in err, err
     assert code in (0, 2), (code, err)
     if code == 2:
