@@ -45,20 +45,26 @@ def domain_goals(m: dict, full: dict | None) -> list[dict]:
     ]
     if full is not None:
         gap = m["fid_base"] - full["fid"]
-        share = (m["fid_base"] - m["fid_adapter"]) / gap if gap > 0 else float("nan")
+        share = (m["fid_base"] - m["fid_adapter"]) / gap if gap > 0 else None  # None: the full fine-tune is no better
         goals.append(
-            _goal("at least 50% of the way from the base's FID to the full fine-tune's", share, 0.5, share >= 0.5)
+            _goal(
+                "at least 50% of the way from the base's FID to the full fine-tune's",
+                share,
+                0.5,
+                share is not None and share >= 0.5,
+            )
         )
     return goals
 
 
-def _goal(name: str, value: float, target: float, met: bool) -> dict:
-    return {"goal": name, "value": float(value), "target": float(target), "met": bool(met)}
+def _goal(name: str, value: float | None, target: float, met: bool) -> dict:
+    return {"goal": name, "value": None if value is None else float(value), "target": float(target), "met": bool(met)}
 
 
 def goals_table(goals: list[dict]) -> str:
     rows = [
-        f"| {markdown_text(g['goal'])} | {g['value']:.4g} | {g['target']:.4g} | {'met' if g['met'] else '**missed**'} |"
+        f"| {markdown_text(g['goal'])} | {'-' if g['value'] is None else format(g['value'], '.4g')} | {g['target']:.4g} "
+        f"| {'met' if g['met'] else '**missed**'} |"
         for g in goals
     ]
     return "\n".join(["| goal | value | target | |", "|---|---:|---:|---|", *rows])

@@ -114,3 +114,13 @@ def test_read_only_output_folder_is_refused_in_one_line():
         assert list((work / "ro").iterdir()) == []
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_a_full_fine_tune_no_better_than_the_base_gives_no_nan(tmp_path):
+    """The share of the way to the full fine-tune has no meaning then: None (written as null, shown '-'), not NaN."""
+    from cdiff.io import write_json
+
+    goal = report.domain_goals(_domain_metrics(), {"fid": 50.0})[-1]
+    assert goal["value"] is None and goal["met"] is False
+    assert "| - | 0.5 |" in report.goals_table([goal])
+    write_json(tmp_path / "summary.json", {"goals": [goal]})  # refused if it held NaN
