@@ -26,29 +26,22 @@ and no command writes onto its own inputs, a folder of other files, a device or 
 Errors are one line; set CDIFF_DEBUG=1 (or pass --debug) for the traceback."""
 
 
-def _integer(least: int, most: int):
-    def parse(text: str) -> int:
+def _bounded(kind: type, least: float, most: float):
+    """An argparse type: an int or a float, finite and in [least, most], else one line naming the bound."""
+
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
         if value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
-        return value
-
-    return parse
-
-
-def _number(least: float, most: float):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (math.isfinite(value) and least <= value <= most):
-            raise argparse.ArgumentTypeError(f"must be a finite number in [{least:g}, {most:g}], got {text}")
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {text}")
         return value
 
     return parse
@@ -60,8 +53,8 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
-_positive_int = _integer(1, 10**9)
-_seed = _integer(0, 2**32 - 1)
+_positive_int = _bounded(int, 1, 10**9)
+_seed = _bounded(int, 0, 2**32 - 1)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -95,17 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME_OR_ID",
         help="class name or id; repeat for several (default: every class)",
     )
-    s.add_argument("--n", type=_integer(1, 256), default=8, help="images per class, at most 256 (default 8)")
+    s.add_argument("--n", type=_bounded(int, 1, 256), default=8, help="images per class, at most 256 (default 8)")
     s.add_argument(
         "--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: all T steps; ddim: --steps steps (default)"
     )
     s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50; ignored by ddpm)")
     s.add_argument(
-        "--eta", type=_number(0, 1), default=0.0, help="DDIM noise in [0, 1]: 0 deterministic (default), 1 DDPM-like"
+        "--eta",
+        type=_bounded(float, 0, 1),
+        default=0.0,
+        help="DDIM noise in [0, 1]: 0 deterministic (default), 1 DDPM-like",
     )
     s.add_argument(
         "--guidance",
-        type=_number(0, 100),
+        type=_bounded(float, 0, 100),
         default=2.0,
         help="classifier-free guidance scale in [0, 100]; 1 = plain conditional (default 2)",
     )
@@ -143,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--params", type=_path, default=None, help="params.yaml whose model/diffusion/train.base sections to use"
     )
-    t.add_argument("--steps", type=_integer(1, 10**8), default=None, help="training steps (overrides params)")
+    t.add_argument("--steps", type=_bounded(int, 1, 10**8), default=None, help="training steps (overrides params)")
     t.add_argument("--data-root", type=_path, default=Path("data/raw"), help="where torchvision-style datasets live")
     t.add_argument("--seed", type=_seed, default=0, help="random seed (also of the train/test split)")
     t.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")

@@ -437,7 +437,8 @@ def _name(k) -> str:
 
 
 def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
+    """'model' + 'n_ctx' -> 'model.n_ctx'; a key ending in ':' (a file) is followed by a space instead."""
+    return f"{key} {name}" if key.endswith(":") else f"{key}.{name}" if key else name
 
 
 def _check(ok, key: str, msg: str) -> None:

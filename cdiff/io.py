@@ -122,9 +122,15 @@ def check_output(path, artefact: Artefact = FILE, *, overwrite: bool = False, in
         raise CdiffError(f"{shown} is a folder: give a file path for the {artefact.name}")
     if stat.S_ISREG(mode) and artefact.folder:
         raise CdiffError(f"{shown} is a file, not a {artefact.name}: choose another output path")
-    if artefact.folder and not any(os.scandir(path)):
-        return path  # an empty folder: nothing is lost
-    if not _holds(path, artefact):
+    try:
+        if artefact.folder:
+            with os.scandir(path) as entries:
+                if not any(entries):
+                    return path  # an empty folder: nothing is lost
+        holds = _holds(path, artefact)
+    except OSError as e:
+        raise CdiffError(f"cannot use {shown} as an output path ({e.strerror})") from e
+    if not holds:
         raise CdiffError(f"{shown} exists and is not a {artefact.name}: cdiff will not replace it; choose a new path")
     if artefact.folder and not overwrite:
         raise CdiffError(

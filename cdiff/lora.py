@@ -276,10 +276,10 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
 
 
 def _parse(config: dict, path) -> AdapterConfig:
-    key = display_path(Path(path) / ADAPTER_CONFIG)
+    where = display_path(Path(path) / ADAPTER_CONFIG)
     fields = {k: v for k, v in config.items() if k not in ("format", "version", "fingerprint")}
-    parsed = from_dict(AdapterConfig, fields, key)
-    parsed.validate(key)
+    parsed = from_dict(AdapterConfig, fields, f"{where}:")
+    parsed.validate(where)
     return parsed
 
 

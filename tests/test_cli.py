@@ -88,8 +88,12 @@ def test_info_and_merge(model_dir, capsys):
     [
         (["--class", "horse"], "unknown class 'horse'"),
         (["--steps", "0"], "must be at least 1"),
-        (["--guidance", "-1"], "must be a finite number in [0, 100]"),
-        (["--guidance", "nan"], "must be a finite number in [0, 100]"),
+        (["--guidance", "-1"], "must be at least 0, got -1"),
+        (["--guidance", "nan"], "must be a finite number, got nan"),
+        (["--guidance", "1e9"], "must be at most 100, got 1e9"),
+        (["--eta", "inf"], "must be a finite number, got inf"),
+        (["--n", "1000"], "must be at most 256"),
+        (["--seed", "-1"], "must be at least 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(model_dir, capsys, extra, message):

@@ -76,6 +76,20 @@ def workspace(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("config-workspace"))
 
 
+FILES = {"model": ("config.json", "model.safetensors"), "adapter": ("adapter_config.json", "adapter.safetensors")}
+
+
+def _mutate(work, folder: str, mutations, poison) -> None:
+    config, weights = FILES[folder]
+    _mutate_config(work / folder / config, mutations)
+    if poison:
+        _poison(work / folder / weights, *poison)
+
+
+def _one_line(error: CdiffError) -> None:
+    assert "\n" not in str(error) and len(str(error)) < 600, str(error)[:1000]
+
+
 def _commands_keep_the_contract(work, folder: str) -> None:
     model = "model" if folder == "adapter" else folder
     adapter = ["--adapter", "adapter"] if folder == "adapter" else []
@@ -93,14 +107,12 @@ def _commands_keep_the_contract(work, folder: str) -> None:
 @given(mutations=mutations, poison=poison)
 def test_fuzzed_model_configs_load_or_are_refused_in_one_line(workspace, mutations, poison):
     with copy_of(workspace) as work:
-        _mutate_config(work / "model" / "config.json", mutations)
-        if poison:
-            _poison(work / "model" / "model.safetensors", *poison)
+        _mutate(work, "model", mutations, poison)
         try:
             model, _, _ = load_model(work / "model")
             assert all(torch.isfinite(t).all() for t in model.state_dict().values())
         except CdiffError as e:
-            assert "\n" not in str(e) and len(str(e)) < 600
+            _one_line(e)
         _commands_keep_the_contract(work, "model")
 
 
@@ -108,15 +120,13 @@ def test_fuzzed_model_configs_load_or_are_refused_in_one_line(workspace, mutatio
 @given(mutations=mutations, poison=poison)
 def test_fuzzed_adapter_configs_load_or_leave_the_model_untouched(workspace, mutations, poison):
     with copy_of(workspace) as work:
-        _mutate_config(work / "adapter" / "adapter_config.json", mutations)
-        if poison:
-            _poison(work / "adapter" / "adapter.safetensors", *poison)
+        _mutate(work, "adapter", mutations, poison)
         model, _, _ = load_model(work / "model")
         before = _snapshot(model)
         try:
             load_adapter(model, work / "adapter")
             assert all(torch.isfinite(t).all() for t in model.state_dict().values())
         except CdiffError as e:
-            assert "\n" not in str(e) and len(str(e)) < 600
+            _one_line(e)
             assert _same(_snapshot(model), before)
         _commands_keep_the_contract(work, "adapter")

@@ -207,3 +207,37 @@ def test_relative_paths_say_what_they_were_resolved_against(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CdiffError, match=f"relative to {tmp_path}"):
         read_json("missing.json", "metrics")
+
+
+def test_an_unreadable_existing_output_is_refused_for_an_unprivileged_user():
+    """Root reads everything: run as uid 65534 (nobody) to meet a PNG it may not read (or replace)."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to switch to an unprivileged user")
+    work = Path(tempfile.mkdtemp(prefix="cdiff-unreadable-"))
+    try:
+        os.chmod(work, 0o777)
+        (work / "g.png").write_bytes(PNG_BYTES)
+        os.chmod(work / "g.png", 0o600)
+        script = "from cdiff.io import PNG, check_output; import sys; check_output(sys.argv[1], PNG)"
+        out = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                script,
+                str(work / "g.png"),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        )
+        assert out.returncode == 1 and "CdiffError: cannot use" in out.stderr and "Permission denied" in out.stderr
+        assert (work / "g.png").read_bytes() == PNG_BYTES
+    finally:
+        shutil.rmtree(work)

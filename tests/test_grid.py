@@ -1,0 +1,22 @@
+import pytest
+import torch
+from PIL import Image
+
+from cdiff.errors import CdiffError
+from cdiff.grid import save_grid
+
+
+def test_a_grid_is_a_png_with_a_label_column(tmp_path):
+    save_grid(tmp_path / "g.png", torch.zeros(4, 1, 8, 8), ["a", "b"], per_row=2, title="t")
+    with Image.open(tmp_path / "g.png") as im:
+        assert im.format == "PNG" and im.width > 2 * 8 * 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_images_are_refused_not_drawn_black(tmp_path, bad):
+    (tmp_path / "g.png").write_bytes(b"\x89PNG\r\n\x1a\nold")
+    images = torch.zeros(4, 1, 8, 8)
+    images[2, 0, 3, 3] = bad
+    with pytest.raises(CdiffError, match="holds NaN or infinite values"):
+        save_grid(tmp_path / "g.png", images, ["a", "b"], per_row=2)
+    assert (tmp_path / "g.png").read_bytes().endswith(b"old")  # the old grid is left as it was
