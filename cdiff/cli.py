@@ -334,7 +334,8 @@ def _close_progress_bars() -> None:
     from tqdm import tqdm
 
     for bar in list(getattr(tqdm, "_instances", ())):
-        bar.close()
+        with contextlib.suppress(Exception):  # a bar interrupted while it was being drawn: never a traceback
+            bar.close()
 
 
 if __name__ == "__main__":

@@ -215,18 +215,17 @@ def test_sigterm_stops_cdiff_train_in_one_line_and_writes_nothing(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "cdiff", "train", "--source", "sklearn-digits", "--steps", "100000", "-o", "m"],
         cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        text=True,
+        stderr=subprocess.PIPE,  # bytes: text mode would turn the progress bar's \r into \n
     )
-    seen, deadline = "", time.time() + 120
-    while "train:" not in seen and time.time() < deadline:  # wait for the progress bar: training has started
+    seen, deadline = b"", time.time() + 120
+    while b"it/s]" not in seen and time.time() < deadline:  # wait until the progress bar is drawn: training runs
         char = proc.stderr.read(1)
         if not char:
             break
         seen += char
     proc.send_signal(signal.SIGTERM)
-    _, rest = proc.communicate(timeout=60)
-    err = seen + rest
+    err = (seen + proc.stderr.read()).decode()  # through the same buffer (communicate() would skip what it holds)
+    proc.wait(timeout=60)
     lines = visible_lines(err)
     assert (
         proc.returncode == 128 + signal.SIGTERM
