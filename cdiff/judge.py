@@ -14,11 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from cdiff.batches import BatchPlan
 from cdiff.config import JudgeConfig, from_dict, to_dict
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
 from cdiff.io import atomic_dir, fingerprint, load_safetensors, read_json, save_safetensors, write_json
-from cdiff.train import BatchPlan
 
 JUDGE_WEIGHTS = "judge.safetensors"
 JUDGE_CONFIG = "config.json"
