@@ -1,6 +1,9 @@
 import json
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -115,3 +118,40 @@ def test_train_writes_a_loadable_model(tmp_path):
     assert main(["train", "--source", "sklearn-digits", "--steps", "2", "-o", str(tmp_path / "m")]) == 0
     model, _, config = load_model(tmp_path / "m")
     assert model.class_names == [str(i) for i in range(10)] and config["model"]["image_size"] == 28
+
+
+def test_read_only_output_folder_is_refused_in_one_line():
+    """Run as an unprivileged user (root writes anywhere), with a real read-only folder."""
+    from cdiff.checkpoint import save_model
+    from cdiff.config import DiffusionConfig
+    from cdiff.model import UNet
+    from tests.conftest import tiny_config
+
+    work = Path(tempfile.mkdtemp(prefix="cdiff-ro-"))
+    try:
+        os.chmod(work, 0o755)
+        save_model(UNet(tiny_config(), ["a", "b", "c"]), DiffusionConfig(timesteps=10), work / "model")
+        for p in [work / "model", *(work / "model").iterdir()]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        (work / "ro").mkdir(mode=0o555)
+        os.chmod(work / "ro", 0o555)
+        cmd = [
+            sys.executable,
+            "-m",
+            "cdiff",
+            "sample",
+            str(work / "model"),
+            "--n",
+            "1",
+            "-o",
+            str(work / "ro" / "x.png"),
+        ]
+        if os.geteuid() == 0:
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+        assert out.returncode == 2, out.stderr
+        err = out.stderr.strip().splitlines()
+        assert len(err) == 1 and "is not writable" in err[0], out.stderr
+        assert list((work / "ro").iterdir()) == []
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
