@@ -139,9 +139,7 @@ class SampleConfig:
     per_class: int = 8
 
     def validate(self, key: str = "sample") -> None:
-        from cdiff.samplers import check_sampler
-
-        check_sampler(self.sampler, self.steps, self.eta, self.guidance_scale, key)  # the kinds live with the samplers
+        # sampler, steps, eta and guidance_scale are checked by cdiff.samplers.Sampler.from_config, beside the kinds
         _check(self.per_class >= 1, f"{key}.per_class", "must be at least 1")
 
 

@@ -8,16 +8,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 from cdiff.errors import CdiffError
 from cdiff.schedule import NoiseSchedule
-
-if TYPE_CHECKING:
-    from cdiff.config import SampleConfig
 
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance_scale: float) -> torch.Tensor:
@@ -137,7 +134,8 @@ class Sampler:
         return cls(kind, steps if KINDS[kind].counted else None, float(eta), float(guidance_scale))
 
     @classmethod
-    def from_config(cls, cfg: SampleConfig, key: str = "sample") -> Sampler:
+    def from_config(cls, cfg, key: str = "sample") -> Sampler:
+        """From the `sample:` section (a cdiff.config.SampleConfig): its errors name sample.sampler, sample.steps, ..."""
         return cls.of(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance_scale, key)
 
     @classmethod

@@ -155,3 +155,18 @@ def test_read_only_output_folder_is_refused_in_one_line():
         assert list((work / "ro").iterdir()) == []
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_train_reads_its_sections_of_params_yaml_without_the_pipeline(tmp_path):
+    code = f"""
+import sys
+from cdiff.cli import main
+code = main(["train", "--params", "tests/tiny_params.yaml", "--steps", "1", "-o", {str(tmp_path / "m")!r}])
+print(code, sorted(m for m in sys.modules if m.split(".")[0] in ("pipelines", "ray", "mlflow", "dvc")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
+    from cdiff.checkpoint import load_model
+
+    _, _, config = load_model(tmp_path / "m")
+    assert config["model"]["image_size"] == 12 and config["diffusion"]["timesteps"] == 100  # the tiny params'

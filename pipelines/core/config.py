@@ -124,6 +124,7 @@ class Params:
         self.train.lora.validate("train.lora")
         self.tune.validate()
         self.sample.validate()
+        Sampler.from_config(self.sample)  # its kind, steps, eta and guidance, checked where the samplers live
         self.train.full.validate("train.full")
         self.judge.validate()
         self.evaluate.validate()
