@@ -136,13 +136,7 @@ class Params:
             ("data.base", self.data.base),
             *((f"data.domains.{n}", d) for n, d in self.data.domains.items()),
         ]:
-            folder = d.source.removeprefix("imagefolder:")
-            _check(
-                folder == d.source or (paths.root / folder).resolve().is_relative_to(paths.images),
-                f"{key}.source",
-                f"image folders live under {paths.images.relative_to(paths.root)}/ (so DVC sees their changes): "
-                f"move or link {folder} there",
-            )
+            _check_image_folder(d.source, f"{key}.source")
 
     @property
     def sampler(self) -> Sampler:
@@ -180,3 +174,11 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def _check(ok, key: str, msg: str) -> None:
     if not ok:
         raise CdiffError(f"{key}: {msg}")
+
+
+def _check_image_folder(source: str, key: str) -> None:
+    """An image folder must lie under data/images/, which the prepare stages depend on (dvc.yaml)."""
+    folder = source.removeprefix("imagefolder:")
+    inside = folder == source or (paths.root / folder).resolve().is_relative_to(paths.images)
+    where = paths.show(paths.images)
+    _check(inside, key, f"image folders live under {where}/ (so DVC sees their changes): move or link {folder} there")
