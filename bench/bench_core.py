@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdiff.config import DiffusionConfig, LoraConfig, load_params
+from cdiff.config import DiffusionConfig, LoraConfig
 from cdiff.lora import inject_lora, merge_lora, trainable_parameter_share, unmerge_lora
 from cdiff.model import UNet
-from cdiff.samplers import sample
+from cdiff.samplers import Sampler, sample
 from cdiff.schedule import NoiseSchedule
+from pipelines.core.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,10 +109,10 @@ def main() -> None:
     n = 8 if args.quick else 16
     classes = [i % 10 for i in range(n)]
     start = time.perf_counter()
-    sample(model, schedule, classes, sampler="ddim", steps=50, guidance_scale=1.0, progress=False)
+    sample(model, schedule, classes, Sampler("ddim", 50, guidance_scale=1.0), progress=False)
     ddim = time.perf_counter() - start
     start = time.perf_counter()
-    sample(model, schedule, classes, sampler="ddpm", guidance_scale=1.0, progress=False)
+    sample(model, schedule, classes, Sampler("ddpm", None, guidance_scale=1.0), progress=False)
     ddpm = time.perf_counter() - start
     rows["sample DDIM-50 img/s"] = n / ddim
     rows["sample DDPM-1000 img/s"] = n / ddpm

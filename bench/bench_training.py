@@ -29,12 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_reference import seed_unet_like  # noqa: E402
 
-from cdiff.config import DiffusionConfig, load_params  # noqa: E402
+from cdiff.config import DiffusionConfig  # noqa: E402
 from cdiff.io import write_json  # noqa: E402
 from cdiff.lora import inject_lora  # noqa: E402
 from cdiff.model import UNet  # noqa: E402
 from cdiff.samplers import ddpm_sample  # noqa: E402
 from cdiff.schedule import NoiseSchedule  # noqa: E402
+from pipelines.core.config import load_params  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,13 +107,13 @@ def sampling(kind: str, batch: int, device: str) -> dict:
 
 
 def ray_overhead(steps: int, batch: int) -> dict:
-    """Plain cdiff.train vs pipelines.distributed.fit (TorchTrainer, 1 worker), 1 step and 1 + `steps` steps."""
+    """Plain cdiff.train vs pipelines.core.distributed.fit (TorchTrainer, 1 worker), 1 step and 1 + `steps` steps."""
     import tempfile
 
     from cdiff.data import load_source
     from cdiff.train import train
-    from pipelines.common import ray_session
-    from pipelines.distributed import fit
+    from pipelines.core import distributed
+    from pipelines.core.jobs import job_for
 
     p = load_params(ROOT / "params.yaml")
     data = load_source("sklearn-digits", "train", p.model.image_size, p.model.channels)
@@ -127,14 +128,14 @@ def ray_overhead(steps: int, batch: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         p.ray = dataclasses.replace(p.ray, storage_path=d)
         start = time.perf_counter()
-        with ray_session(p):
+        with distributed.session(p):
             times["ray_init"] = time.perf_counter() - start
             for n in (1, 1 + steps):
                 cfg = dataclasses.replace(
                     p.train.base, steps=n, batch_size=batch, checkpoint_every=10_000, log_every=50
                 )
                 start = time.perf_counter()
-                fit(p, f"overhead-{n}", p.model, data, cfg)
+                distributed.fit(p, job_for(p, "base", data, cfg))
                 times[f"ray_{n}"] = time.perf_counter() - start
     plain_steps = times[f"plain_{1 + steps}"] - times["plain_1"]
     ray_steps = times[f"ray_{1 + steps}"] - times["ray_1"]

@@ -20,7 +20,7 @@ from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig
 from cdiff.data import load_source
 from cdiff.lora import inject_lora, load_adapter, merge_lora, save_adapter, unload_lora
 from cdiff.model import UNet
-from cdiff.samplers import sample
+from cdiff.samplers import Sampler, sample
 from cdiff.schedule import NoiseSchedule
 from cdiff.train import train, validation_loss
 
@@ -82,16 +82,18 @@ def main() -> None:
     ids = [i % 10 for i in range(64)]
     a, ddim_s = timed(
         lambda: sample(
-            model, schedule, ids, sampler="ddim", steps=50, guidance_scale=2.0, seed=1, device="cuda", progress=False
+            model, schedule, ids, Sampler("ddim", 50, guidance_scale=2.0), seed=1, device="cuda", progress=False
         )
     )
     b, _ = timed(
         lambda: sample(
-            model, schedule, ids, sampler="ddim", steps=50, guidance_scale=2.0, seed=1, device="cuda", progress=False
+            model, schedule, ids, Sampler("ddim", 50, guidance_scale=2.0), seed=1, device="cuda", progress=False
         )
     )
     _, ddpm_s = timed(
-        lambda: sample(model, schedule, ids, sampler="ddpm", guidance_scale=2.0, seed=1, device="cuda", progress=False)
+        lambda: sample(
+            model, schedule, ids, Sampler("ddpm", None, guidance_scale=2.0), seed=1, device="cuda", progress=False
+        )
     )
     rows.update(
         {

@@ -23,6 +23,7 @@ from cdiff.data import load_imageset
 from cdiff.io import write_json
 from cdiff.judge import load_judge
 from cdiff.metrics import balanced_subset, generate, judge_images, reference_stats
+from cdiff.samplers import Sampler
 
 
 def main() -> int:
@@ -69,8 +70,7 @@ def main() -> int:
             schedule,
             len(names),
             args.per_class,
-            sampler=sampler,
-            guidance_scale=guidance,
+            Sampler.parse(sampler, guidance_scale=guidance),
             seed=0,
             batch_size=args.batch,
             progress=False,

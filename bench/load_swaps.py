@@ -22,7 +22,7 @@ from cdiff.checkpoint import load_model
 from cdiff.errors import CdiffError
 from cdiff.io import write_json
 from cdiff.lora import load_adapter, merge_lora
-from cdiff.samplers import sample
+from cdiff.samplers import Sampler, sample
 
 
 def main() -> int:
@@ -53,7 +53,7 @@ def main() -> int:
         load_adapter(model, adapters[batches % len(adapters)])
         merge_lora(model)
         ids = [i % len(model.class_names) for i in range(args.batch)]
-        sample(model, schedule, ids, sampler="ddim", steps=args.steps, guidance_scale=2.0, seed=batches, progress=False)
+        sample(model, schedule, ids, Sampler("ddim", args.steps, guidance_scale=2.0), seed=batches, progress=False)
         batches += 1
         images += args.batch
         window_images += args.batch

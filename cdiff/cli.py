@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from cdiff.errors import CdiffError
+from cdiff.samplers import KINDS
 
 EXAMPLES = """examples:
   cdiff train --source sklearn-digits --steps 300 -o models/digits
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--n", type=_bounded(int, 1, 256), default=8, help="images per class, at most 256 (default 8)")
     s.add_argument(
-        "--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: all T steps; ddim: --steps steps (default)"
+        "--sampler", choices=list(KINDS), default="ddim", help="ddpm: all T steps; ddim: --steps steps (default)"
     )
     s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50; ignored by ddpm)")
     s.add_argument(
@@ -159,28 +160,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_compare(args) -> None:
-    from cdiff.io import read_json
+    from cdiff.results import RunSummary, load
 
-    summary = read_json(args.summary, "run summary (made by `dvc repro`, stage report)")
-    try:
-        rows = [
-            {
-                "domain": name,
-                "fid_floor": d["metrics"]["fid_floor"],
-                "fid_base": d["metrics"]["fid_base"],
-                "fid_adapter": d["metrics"]["fid_adapter"],
-                "fid_full": d["metrics"].get("full_fid"),
-                "gan_test": d["metrics"]["gan_test_adapter"],
-                "judge_acc": d["metrics"]["judge_test_accuracy"],
-                "r": d["metrics"]["r"],
-                "alpha": d["metrics"]["alpha"],
-                "share": d["metrics"]["trainable_share"],
-                "goals_met": f"{sum(g['met'] for g in d['goals'])}/{len(d['goals'])}",
-            }
-            for name, d in summary["domains"].items()
-        ]
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CdiffError(f"{args.summary} lacks {e}: rerun `dvc repro` to regenerate it") from e
+    run = load(args.summary, RunSummary, "run summary (made by `dvc repro`, stage report)")
+    rows = [
+        {
+            "domain": name,
+            "fid_floor": d.evaluation.floor.fid,
+            "fid_base": d.evaluation.base.fid,
+            "fid_adapter": d.evaluation.adapter.fid,
+            "fid_full": d.full.score.fid if d.full else None,
+            "gan_test": d.evaluation.adapter.gan_test,
+            "judge_acc": d.evaluation.judge_test_accuracy,
+            "r": d.evaluation.r,
+            "alpha": d.evaluation.alpha,
+            "share": d.evaluation.trainable_share,
+            "goals_met": f"{sum(g.met for g in d.goals)}/{len(d.goals)}",
+        }
+        for name, d in run.domains.items()
+    ]
     if args.json:
         _say(json.dumps(rows, indent=2))
         return
@@ -190,7 +188,7 @@ def cmd_compare(args) -> None:
     _say("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for c in cells:
         _say("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
-    _say(f"({summary.get('settings', '')}; FID: lower is better, in the judge's feature space)")
+    _say(f"({run.settings}; FID: lower is better, in the judge's feature space)")
 
 
 def _cell(v) -> str:
@@ -206,38 +204,21 @@ def _say(text: str) -> None:
 
 
 def cmd_sample(args) -> None:
-    import torch
-
     from cdiff.checkpoint import load_model
-    from cdiff.grid import save_grid
+    from cdiff.grid import sample_grid
     from cdiff.io import PNG, check_output
     from cdiff.lora import load_adapter, merge_lora
-    from cdiff.samplers import sample
+    from cdiff.samplers import Sampler
 
+    sampler = Sampler.of(args.sampler, args.steps, args.eta, args.guidance)
     check_output(args.output, PNG, inputs=[args.model, args.adapter])  # before minutes of sampling, not after
     model, schedule, _ = load_model(args.model, args.device)
     if args.adapter is not None:
         load_adapter(model, args.adapter)
         merge_lora(model)
     ids = model.prompt.class_ids(args.classes) if args.classes else list(range(len(model.class_names)))
-    class_ids = [c for c in ids for _ in range(args.n)]
-    with torch.inference_mode():
-        images = sample(
-            model,
-            schedule,
-            class_ids,
-            sampler=args.sampler,
-            steps=args.steps,
-            eta=args.eta,
-            guidance_scale=args.guidance,
-            seed=args.seed,
-            device=args.device,
-        )
-    title = (
-        f"{args.sampler}{'' if args.sampler == 'ddpm' else f'-{args.steps}'} guidance {args.guidance} seed {args.seed}"
-    )
-    save_grid(args.output, images, [model.class_names[c] for c in ids], args.n, title=title)
-    _say(f"wrote {args.output} ({len(class_ids)} images)")
+    sample_grid(args.output, model, schedule, sampler, ids, args.n, seed=args.seed, device=args.device)
+    _say(f"wrote {args.output} ({len(ids) * args.n} images, {sampler})")
 
 
 def cmd_info(args) -> None:
@@ -269,7 +250,7 @@ def cmd_train(args) -> None:
     import torch
 
     from cdiff.checkpoint import MODEL, save_model
-    from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig, load_params
+    from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig, load_sections
     from cdiff.data import check_source, load_source
     from cdiff.io import check_output
     from cdiff.model import UNet
@@ -280,8 +261,8 @@ def cmd_train(args) -> None:
     folder = args.source.split(":", 1)[1] if args.source.startswith("imagefolder:") else None
     check_output(args.output, MODEL, overwrite=args.overwrite, inputs=[args.params, folder])  # before training
     if args.params:
-        p = load_params(args.params)
-        model_cfg, diffusion, train_cfg = p.model, p.diffusion, p.train.base
+        sections = {"model": ModelConfig, "diffusion": DiffusionConfig, "train.base": TrainConfig}
+        model_cfg, diffusion, train_cfg = load_sections(args.params, sections).values()
     else:
         model_cfg, diffusion, train_cfg = ModelConfig(), DiffusionConfig(), TrainConfig(steps=500)
     if args.steps:

@@ -1,4 +1,8 @@
-"""Typed config: dataclasses built once from params.yaml, validated with one-line errors naming the key."""
+"""Typed config of the library (model, diffusion, training, LoRA, data, sampling, judge), and the typed loader.
+
+Dataclasses built once from params.yaml, validated with one-line errors naming the key. The pipeline's
+own settings (Ray, Tune, MLflow, evaluation) and the whole-file `Params` live in pipelines.core.config.
+"""
 
 from __future__ import annotations
 
@@ -142,43 +146,15 @@ class DataConfig:
 
 
 @dataclass
-class TuneConfig:
-    num_samples: int = 4
-    max_concurrent: int = 2
-    ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
-    alpha_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # alpha = ratio * r
-    lr_min: float = 5e-4
-    lr_max: float = 1e-2
-    steps_per_trial: int = 300  # the budget of one trial (ASHA's max_t)
-    eval_every: int = 50  # a validation loss every this many steps: ASHA's rungs
-    grace_period: int = 100
-    reduction_factor: int = 2
-    val_images: int = 256
-    batch_size: int = 64
-
-    def validate(self, key: str = "tune") -> None:
-        for name in ("num_samples", "max_concurrent", "steps_per_trial", "eval_every", "val_images", "batch_size"):
-            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
-        _check(self.ranks and all(r >= 1 for r in self.ranks), f"{key}.ranks", "LoRA ranks must be >= 1")
-        _check(self.alpha_ratios and all(a > 0 for a in self.alpha_ratios), f"{key}.alpha_ratios", "must be > 0")
-        _check(0 < self.lr_min <= self.lr_max, f"{key}.lr_min", "need 0 < lr_min <= lr_max")
-        _check(1 <= self.grace_period <= self.steps_per_trial, f"{key}.grace_period", "must be in [1, steps]")
-        _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "must be at least 2")
-
-
-@dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # ddpm | ddim
+    sampler: str = "ddim"  # a kind of cdiff.samplers.KINDS: ddpm | ddim
     steps: int = 50
     eta: float = 0.0
     guidance_scale: float = 2.0
     per_class: int = 8
 
     def validate(self, key: str = "sample") -> None:
-        _check(self.sampler in ("ddpm", "ddim"), f"{key}.sampler", "must be ddpm or ddim")
-        _range(self.steps, 1, 100_000, f"{key}.steps")
-        _check(0 <= self.eta <= 1, f"{key}.eta", "must be in [0, 1] (0 deterministic, 1 DDPM-like)")
-        _check(0 <= self.guidance_scale <= 100, f"{key}.guidance_scale", "must be in [0, 100]")
+        # sampler, steps, eta and guidance_scale are checked by cdiff.samplers.Sampler.from_config, beside the kinds
         _range(self.per_class, 1, 1024, f"{key}.per_class")
 
 
@@ -198,114 +174,33 @@ class JudgeConfig:
         _check(0 < self.lr <= 1, f"{key}.lr", "must be a number in (0, 1]")
 
 
-@dataclass
-class EvaluateConfig:
-    val_images: int = 512  # held-out images for the deterministic validation loss
-    fid_per_class: int = 30  # generated (and real-train floor) images per class for FID and GAN-test accuracy
-    sweep_per_class: int = 6  # images per class for each point of the base's guidance and sampler sweeps
-    guidance_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
-    sampler_sweep: list[str] = field(default_factory=lambda: ["ddpm", "ddim-20", "ddim-50", "ddim-100"])
-    full_finetune: list[str] = field(default_factory=list)  # domains that also get a full fine-tune reference
-
-    def validate(self, key: str = "evaluate") -> None:
-        for name in ("val_images", "fid_per_class", "sweep_per_class"):
-            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
-        for g in self.guidance_sweep:
-            _check(math.isfinite(g) and g >= 0, f"{key}.guidance_sweep", "entries must be numbers >= 0")
-        for spec in self.sampler_sweep:
-            parse_sampler(spec, f"{key}.sampler_sweep")
-
-
-def parse_sampler(spec: str, key: str = "sampler") -> tuple[str, int | None]:
-    """'ddpm' -> ('ddpm', None) (all T steps); 'ddim-50' -> ('ddim', 50)."""
-    name, _, steps = spec.partition("-")
-    if name == "ddpm" and not steps:
-        return "ddpm", None
-    if name == "ddim" and steps.isdigit() and int(steps) >= 1:
-        return "ddim", int(steps)
-    raise CdiffError(f"{key}: unknown sampler {spec!r}: use ddpm or ddim-N (e.g. ddim-50)")
-
-
-@dataclass
-class RayConfig:
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    num_cpus: int = 2  # size of the local Ray instance when RAY_ADDRESS is unset
-    storage_path: str = "ray_results"
-    max_failures: int = 2
-
-    def validate(self, key: str = "ray") -> None:
-        _check(self.num_workers >= 1, f"{key}.num_workers", "must be at least 1")
-        _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
-        _check(self.num_cpus >= 1, f"{key}.num_cpus", "must be at least 1")
-        _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1: retry forever)")
-
-
-@dataclass
-class MlflowConfig:
-    experiment: str = "cdiff"
-    base_model_name: str = "cdiff-base"
-    adapter_model_prefix: str = "cdiff-adapter-"
-
-    def validate(self, key: str = "mlflow") -> None:
-        _check(bool(self.experiment), f"{key}.experiment", "must not be empty")
-
-
-@dataclass
-class TrainSection:
-    base: TrainConfig = field(default_factory=TrainConfig)
-    lora: TrainConfig = field(default_factory=TrainConfig)
-    full: TrainConfig = field(default_factory=TrainConfig)  # the full fine-tune reference (evaluate.full_finetune)
-
-
-@dataclass
-class Params:
-    data: DataConfig
-    seed: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    train: TrainSection = field(default_factory=TrainSection)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    judge: JudgeConfig = field(default_factory=JudgeConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
-
-    def validate(self) -> None:
-        self.data.validate()
-        self.model.validate()
-        self.diffusion.validate()
-        self.train.base.validate("train.base")
-        self.train.lora.validate("train.lora")
-        self.tune.validate()
-        self.sample.validate()
-        self.train.full.validate("train.full")
-        self.judge.validate()
-        self.evaluate.validate()
-        for name in self.evaluate.full_finetune:
-            _check(name in self.data.domains, "evaluate.full_finetune", f"{name!r} is not a domain in data.domains")
-        self.ray.validate()
-        self.mlflow.validate()
-
-    def domain(self, name: str) -> DomainConfig:
-        if name not in self.data.domains:
-            raise CdiffError(f"unknown domain {name!r}: params.yaml data.domains has {', '.join(self.data.domains)}")
-        return self.data.domains[name]
-
-
-def load_params(path: str | Path = "params.yaml") -> Params:
+def read_yaml(path: str | Path) -> dict:
+    """A params file as plain data (a key given twice is an error); one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise CdiffError(f"params file not found: {path}")
     try:
-        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
+        return yaml.load(path.read_text(), Loader=_StrictLoader)
     except yaml.YAMLError as e:
         raise CdiffError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from e
-    params = from_dict(Params, raw, "")
-    params.validate()
-    return params
+
+
+def load_sections(path: str | Path, sections: dict[str, type]) -> dict:
+    """Only the named sections of a params file ('model', 'train.base', ...), typed and validated.
+
+    `cdiff train --params params.yaml` reads the library's sections this way; the pipeline's own
+    sections (ray, tune, mlflow, ...) are neither read nor checked here.
+    """
+    raw, out = read_yaml(path), {}
+    for key, cls in sections.items():
+        value = raw
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise CdiffError(f"{key}: missing from {path}")
+            value = value[part]
+        out[key] = from_dict(cls, value, key)
+        out[key].validate(key)
+    return out
 
 
 MAX_YAML_NODES = 100_000  # values in params.yaml once aliases are expanded: the real file has about 300

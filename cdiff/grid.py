@@ -1,4 +1,4 @@
-"""Labelled sample grids: one row per class, its name on the left."""
+"""Labelled sample grids: one row per class, its name on the left; `sample_grid` samples one and writes it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid
 
 from cdiff.io import PNG, atomic_write, check_finite, display_path
+from cdiff.samplers import Sampler, sample
 
 
 def grid_image(
@@ -36,3 +37,25 @@ def save_grid(path, images: torch.Tensor, row_labels: list[str], per_row: int, t
     picture = grid_image(images, row_labels, per_row, title=title)
     with atomic_write(path, PNG) as tmp:
         picture.save(tmp, format="PNG")
+
+
+def sample_grid(
+    path,
+    model,
+    schedule,
+    sampler: Sampler,
+    class_ids: list[int],
+    per_class: int,
+    *,
+    seed: int,
+    row_labels: list[str] | None = None,
+    title: str = "",
+    device="cpu",
+) -> None:
+    """Sample `per_class` images of each class in `class_ids` (one seeded batch) and write the labelled grid."""
+    ids = [c for c in class_ids for _ in range(per_class)]
+    with torch.inference_mode():
+        images = sample(model, schedule, ids, sampler, seed=seed, device=device)
+    labels = row_labels if row_labels is not None else [model.class_names[c] for c in class_ids]
+    settings = f"{sampler}, seed {seed}"
+    save_grid(path, images, labels, per_class, title=f"{title} ({settings})" if title else settings)

@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from cdiff.batches import BatchPlan
 from cdiff.config import JudgeConfig, from_dict, to_dict
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError, shown
 from cdiff.io import Artefact, display_path
 from cdiff.names import check_class_names
-from cdiff.train import BatchPlan
 from cdiff.weights import check_fits, load_weights_folder, on_meta, read_folder_config, save_weights_folder
 
 JUDGE = Artefact("judge folder", folder=True, marker="config.json", format="cdiff-judge", weights="judge.safetensors")

@@ -10,11 +10,15 @@ non-symmetric product can turn complex.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
+
+if TYPE_CHECKING:
+    from cdiff.samplers import Sampler
 
 
 @dataclass
@@ -75,10 +79,8 @@ def generate(
     schedule,
     num_classes: int,
     per_class: int,
+    sampler: Sampler,
     *,
-    sampler: str = "ddim-50",
-    guidance_scale: float = 2.0,
-    eta: float = 0.0,
     seed: int = 0,
     batch_size: int = 250,
     progress: bool = True,
@@ -86,28 +88,16 @@ def generate(
     """`per_class` samples of each class, in seeded batches: (images in [-1, 1], their class ids)."""
     from tqdm.auto import tqdm
 
-    from cdiff.config import parse_sampler
     from cdiff.samplers import sample
 
-    kind, steps = parse_sampler(sampler)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
+    device = next(model.parameters()).device
     chunks = []
-    for i in tqdm(range(0, len(labels), batch_size), desc=f"generate {sampler}", disable=not progress, leave=False):
+    for i in tqdm(
+        range(0, len(labels), batch_size), desc=f"generate {sampler.label}", disable=not progress, leave=False
+    ):
         ids = labels[i : i + batch_size].tolist()
-        chunks.append(
-            sample(
-                model,
-                schedule,
-                ids,
-                sampler=kind,
-                steps=steps or schedule.timesteps,
-                eta=eta,
-                guidance_scale=guidance_scale,
-                seed=seed + i,
-                device=next(model.parameters()).device,
-                progress=progress,
-            ).cpu()
-        )
+        chunks.append(sample(model, schedule, ids, sampler, seed=seed + i, device=device, progress=progress).cpu())
     return torch.cat(chunks), labels
 
 

@@ -1,6 +1,13 @@
-"""Samplers: ancestral DDPM and DDIM, both with classifier-free guidance, seeded through a torch.Generator."""
+"""Samplers: ancestral DDPM and DDIM, both with classifier-free guidance, seeded through a torch.Generator.
+
+A `Sampler` value names one setting (kind, steps, eta, guidance); `sample` runs it.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -88,24 +95,81 @@ def ddim_sample(
     return x.clamp(-1, 1)
 
 
-def sample(
-    model,
-    schedule,
-    class_ids,
-    *,
-    sampler="ddim",
-    steps=50,
-    eta=0.0,
-    guidance_scale=1.0,
-    seed=0,
-    device="cpu",
-    progress=True,
-):
-    """Generate one image per entry of `class_ids`; returns (N, C, H, W) in [-1, 1]."""
-    if guidance_scale < 0 or guidance_scale != guidance_scale:
-        raise CdiffError(f"guidance scale must be a number >= 0, got {guidance_scale}")
-    if sampler not in ("ddpm", "ddim"):
-        raise CdiffError(f"unknown sampler {sampler!r}: use ddpm or ddim")
+class Kind(NamedTuple):
+    counted: bool  # takes a step count ("ddim-50"); otherwise it runs all T steps ("ddpm")
+    run: Callable  # (model, schedule, y, shape, generator, sampler, progress) -> images
+
+
+def _ddpm(model, schedule, y, shape, generator, s: Sampler, progress):
+    return ddpm_sample(model, schedule, y, shape, generator, s.guidance_scale, progress)
+
+
+def _ddim(model, schedule, y, shape, generator, s: Sampler, progress):
+    return ddim_sample(model, schedule, y, shape, generator, s.steps, s.eta, s.guidance_scale, progress)
+
+
+# One more sampler is one more line here.
+KINDS = {"ddpm": Kind(False, _ddpm), "ddim": Kind(True, _ddim)}
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """How to sample: the kind, its step count (None: all T steps), DDIM's eta and the guidance scale."""
+
+    kind: str = "ddim"
+    steps: int | None = 50
+    eta: float = 0.0
+    guidance_scale: float = 2.0
+
+    def __post_init__(self):
+        check_sampler(self.kind, self.steps, self.eta, self.guidance_scale, "sampler")
+        if not KINDS[self.kind].counted and self.steps is not None:
+            raise CdiffError(f"sampler.steps: {self.kind} takes no step count (it runs all T steps)")
+
+    @classmethod
+    def of(cls, kind: str, steps: int | None, eta=0.0, guidance_scale=2.0, key: str = "sampler") -> Sampler:
+        """A sampler from loose settings (params, CLI flags): a kind without a step count ignores `steps`."""
+        check_sampler(kind, steps, eta, guidance_scale, key)
+        return cls(kind, steps if KINDS[kind].counted else None, float(eta), float(guidance_scale))
+
+    @classmethod
+    def from_config(cls, cfg, key: str = "sample") -> Sampler:
+        """From the `sample:` section (a cdiff.config.SampleConfig): its errors name sample.sampler, sample.steps, ..."""
+        return cls.of(cfg.sampler, cfg.steps, cfg.eta, cfg.guidance_scale, key)
+
+    @classmethod
+    def parse(cls, spec: str, eta=0.0, guidance_scale=2.0, key: str = "sampler") -> Sampler:
+        """'ddpm' or 'ddim-50', as sweeps and reports write them."""
+        kind, _, count = spec.rpartition("-")
+        if spec in KINDS and not KINDS[spec].counted:
+            return cls.of(spec, None, eta, guidance_scale, key)
+        if kind in KINDS and KINDS[kind].counted and count.isdigit() and int(count) >= 1:
+            return cls.of(kind, int(count), eta, guidance_scale, key)
+        forms = " or ".join(f"{name}-N" if k.counted else name for name, k in KINDS.items())
+        raise CdiffError(f"{key}: unknown sampler {spec!r}: use {forms} (e.g. ddim-50)")
+
+    @property
+    def label(self) -> str:
+        """'ddpm' or 'ddim-50': `Sampler.parse(s.label, s.eta, s.guidance_scale) == s`."""
+        return self.kind if self.steps is None else f"{self.kind}-{self.steps}"
+
+    def __str__(self) -> str:
+        return f"{self.label}, guidance {self.guidance_scale:g}" + (f", eta {self.eta:g}" if self.eta else "")
+
+
+def check_sampler(kind, steps, eta, guidance_scale, key: str) -> None:
+    """One-line errors naming the key (sample.sampler, sample.steps, ...); a step count matters only where counted."""
+    if kind not in KINDS:
+        raise CdiffError(f"{key}.sampler: unknown sampler {kind!r}: use {' or '.join(KINDS)}")
+    if KINDS[kind].counted and (not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= 100_000):
+        raise CdiffError(f"{key}.steps: must be an integer in [1, 100000], got {steps!r}")
+    for name, value, most in (("eta", eta, 1), ("guidance_scale", guidance_scale, 100)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= most:
+            raise CdiffError(f"{key}.{name}: must be a number in [0, {most}], got {value}")
+
+
+def sample(model, schedule, class_ids, sampler: Sampler, *, seed=0, device="cpu", progress=True):
+    """Generate one image per entry of `class_ids` with `sampler`; returns (N, C, H, W) in [-1, 1]."""
     was_training = model.training
     model.eval()
     generator = torch.Generator().manual_seed(seed)
@@ -113,8 +177,6 @@ def sample(
     c, s = model.config.channels, model.config.image_size
     shape = (len(class_ids), c, s, s)
     try:
-        if sampler == "ddpm":
-            return ddpm_sample(model, schedule, y, shape, generator, guidance_scale, progress)
-        return ddim_sample(model, schedule, y, shape, generator, steps, eta, guidance_scale, progress)
+        return KINDS[sampler.kind].run(model, schedule, y, shape, generator, sampler, progress)
     finally:
         model.train(was_training)

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from cdiff.batches import NOISE, BatchPlan, derive_seed
 from cdiff.config import TrainConfig
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
@@ -48,27 +49,9 @@ def apply_ema(model, shadow: dict[str, torch.Tensor]) -> None:
         params[n].copy_(v.to(params[n].device))
 
 
-class BatchPlan:
-    """Seeded epochs over n items: global batch `step` is the same whatever the number of workers."""
-
-    def __init__(self, n: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = n, batch_size, seed
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perm = (epoch, torch.randperm(self.n, generator=g))
-        return self._perm[1]
-
-    def global_batch(self, step: int) -> torch.Tensor:
-        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return torch.stack([self._permutation(p // self.n)[p % self.n] for p in positions])
-
-
 def step_noise(step: int, seed: int, batch_size: int, image_shape, timesteps: int):
     """(t, noise, u) for the global batch of `step`: u decides label dropout."""
-    g = torch.Generator().manual_seed(seed * 7_919 + step + 1)
+    g = torch.Generator().manual_seed(derive_seed(seed, step + 1, NOISE))
     t = torch.randint(0, timesteps, (batch_size,), generator=g)
     noise = torch.randn((batch_size, *image_shape), generator=g)
     u = torch.rand(batch_size, generator=g)
@@ -147,7 +130,7 @@ def train(
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank != 0, leave=False)
     while state.step < cfg.steps:
         step = state.step
-        torch.manual_seed(seed * 1_000_003 + step * 1_009 + rank)  # dropout masks: a function of (seed, step, rank)
+        torch.manual_seed(derive_seed(seed, step * 1_009 + rank))  # dropout masks: a function of (seed, step, rank)
         mine = slice(rank, None, world_size)  # this worker's share of the global batch
         index = plan.global_batch(step)[mine]
         t, noise, u = (v[mine] for v in step_noise(step, seed, cfg.batch_size, images.shape[1:], schedule.timesteps))

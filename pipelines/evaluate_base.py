@@ -2,75 +2,59 @@
 
 Judge FID and GAN-test accuracy at the pipeline's sampling settings, against the real floor;
 then FID, accuracy and time for each guidance scale (evaluate.guidance_sweep) and each sampler
-(evaluate.sampler_sweep), written as CSVs for `dvc plots` and the report.
+(evaluate.sampler_sweep), written as CSVs for `dvc plots` and the report. A setting that both
+sweeps hold (the pipeline's own sampler and guidance) is sampled once.
 """
 
-import mlflow
+from dataclasses import replace
 
+from cdiff import results
 from cdiff.checkpoint import load_model
 from cdiff.data import load_imageset
-from cdiff.io import atomic_write, write_json
-from pipelines import tracking
-from pipelines.common import Paths, mkdirs, params, sampler_spec, stage
-from pipelines.quality import Scorer
+from cdiff.samplers import Sampler
+from pipelines.core import tracking
+from pipelines.core.config import params
+from pipelines.core.console import stage, summary
+from pipelines.core.layout import make_parents, paths
+from pipelines.core.scoring import Judged, Scorer
 
 
 @stage
 def main() -> None:
     p = params()
-    e = p.evaluate
-    folder = Paths.prepared / p.data.base.name
-    train_set, test_set = load_imageset(folder, "train"), load_imageset(folder, "test")
-    scorer = Scorer(p, p.data.base.name, test_set)
-    model, schedule, _ = load_model(Paths.base_model)
-    floor = scorer.floor(train_set)
-    base = scorer.model(model, schedule)
-    guidance = [(g, scorer.model(model, schedule, per_class=e.sweep_per_class, guidance=g)) for g in e.guidance_sweep]
-    samplers = [(s, scorer.model(model, schedule, per_class=e.sweep_per_class, sampler=s)) for s in e.sampler_sweep]
-    mkdirs(Paths.metrics, Paths.plots)
-    write_json(
-        Paths.metrics / "base.json",
-        {
-            "fid_floor": floor["fid"],
-            "fid_base": base["fid"],
-            "gan_test_floor": floor["gan_test"],
-            "gan_test_base": base["gan_test"],
-            "judge_test_accuracy": scorer.judge_accuracy,
-            "samples_per_class": e.fid_per_class,
-            "sampler": sampler_spec(p),
-            "guidance_scale": p.sample.guidance_scale,
-            "gan_test_per_class": {"base": base["gan_test_per_class"]},
-        },
+    e, dataset = p.evaluate, p.data.base.name
+    train_set, test_set = (load_imageset(paths.prepared(dataset), split) for split in ("train", "test"))
+    judge = results.load(paths.judge_metrics(dataset), results.JudgeResult)
+    scorer = Scorer(paths.judge(dataset), test_set, e.fid_per_class, p.seed)
+    model, schedule, _ = load_model(paths.base_model)
+    floor, base = scorer.floor(train_set), scorer.model(model, schedule, p.sampler)
+    swept: dict[Sampler, Judged] = {}
+
+    def point(setting: str, sampler: Sampler) -> results.SweepPoint:
+        if sampler not in swept:
+            swept[sampler] = scorer.model(model, schedule, sampler, e.sweep_per_class)
+        return results.SweepPoint(setting, swept[sampler].score, swept[sampler].seconds)
+
+    sweeps = {
+        "guidance": [point(f"{g:g}", replace(p.sampler, guidance_scale=g)) for g in e.guidance_sweep],
+        "sampler": [point(s, Sampler.parse(s, p.sampler.eta, p.sampler.guidance_scale)) for s in e.sampler_sweep],
+    }
+    evaluation = results.BaseEvaluation(
+        floor.score, base.score, judge.test_accuracy, p.sampler.label, p.sampler.guidance_scale
     )
-    rows = [f"{g},{r['fid']:.6f},{r['gan_test']:.6f},{r['seconds']:.3f}\n" for g, r in guidance]
-    with atomic_write(Paths.plots / "sweep_guidance.csv") as tmp:
-        tmp.write_text("guidance,fid,gan_test,seconds\n" + "".join(rows))
-    rows = [f"{s},{r['fid']:.6f},{r['gan_test']:.6f},{r['seconds']:.3f}\n" for s, r in samplers]
-    with atomic_write(Paths.plots / "sweep_sampler.csv") as tmp:
-        tmp.write_text("sampler,fid,gan_test,seconds\n" + "".join(rows))
-    run = tracking.read_run_file(Paths.runs / "pretrain.json")
-    tracking.setup(p)
-    with mlflow.start_run(run_id=run["run_id"]):
-        mlflow.log_metrics(
-            {
-                "fid_floor": floor["fid"],
-                "fid_base": base["fid"],
-                "gan_test_floor": floor["gan_test"],
-                "gan_test_base": base["gan_test"],
-                "judge_test_accuracy": scorer.judge_accuracy,
-                **{f"gan_test_base.{k}": v for k, v in base["gan_test_per_class"].items()},
-            }
-        )
-        for g, r in guidance:
-            mlflow.log_metrics({f"sweep_guidance_{g:g}.fid": r["fid"], f"sweep_guidance_{g:g}.gan_test": r["gan_test"]})
-        for s, r in samplers:
-            mlflow.log_metrics(
-                {f"sweep_{s}.fid": r["fid"], f"sweep_{s}.gan_test": r["gan_test"], f"sweep_{s}.seconds": r["seconds"]}
-            )
-    print(
-        f"evaluate base: FID {base['fid']:.2f} (floor {floor['fid']:.2f}), GAN-test {base['gan_test']:.3f} "
-        f"(judge's real test accuracy {scorer.judge_accuracy:.3f})"
-    )
+    per_class = results.PerClass({"base": base.per_class})
+    make_parents(paths.base_metrics, paths.per_class(paths.base_metrics), *map(paths.sweep, sweeps))
+    results.save(paths.base_metrics, evaluation)
+    results.save(paths.per_class(paths.base_metrics), per_class)
+    for over, points in sweeps.items():
+        results.save_sweep(paths.sweep(over), over, points)
+    with tracking.reopen(p, paths.pretrain_run):
+        tracking.log_result(evaluation)
+        tracking.log_result(per_class)
+        for over, points in sweeps.items():
+            tracking.log_sweep(over, points)
+    metric = f"FID {base.score.fid:.2f} (floor {floor.score.fid:.2f}), GAN-test {base.score.gan_test:.3f}"
+    summary(f"base scored, {len(swept)} sweep points", metric, paths.show(paths.base_metrics))
 
 
 if __name__ == "__main__":

@@ -6,38 +6,38 @@ python -m pipelines.judge base | DOMAIN
 
 import sys
 
-import mlflow
-
+from cdiff import results
 from cdiff.data import load_imageset
-from cdiff.io import write_json
 from cdiff.judge import predict, save_judge, train_judge
 from cdiff.metrics import class_accuracy
 from cdiff.names import safe_names
-from pipelines import tracking
-from pipelines.common import Paths, dataset_name, mkdirs, params, stage
+from pipelines.core import tracking
+from pipelines.core.config import params
+from pipelines.core.console import stage, summary
+from pipelines.core.layout import make_parents, paths
 
 
 @stage
 def main(name: str) -> None:
     p = params()
-    dataset = dataset_name(p, name)
-    folder = Paths.prepared / dataset
+    dataset = p.dataset(name).name
+    folder = paths.prepared(dataset)
     train_set, test_set = load_imageset(folder, "train"), load_imageset(folder, "test")
+    metrics = paths.judge_metrics(dataset)
+    make_parents(paths.judge(dataset), metrics, paths.per_class(metrics))
     with tracking.stage_run(p, "judge", dataset):
         judge = train_judge(train_set, p.judge, seed=p.seed)
         accuracy = class_accuracy(predict(judge, test_set.as_float())[1], test_set.labels, test_set.class_names)
-        mkdirs(Paths.judges, Paths.metrics)
-        extra = {"test_accuracy": accuracy["accuracy"]}
-        save_judge(judge, train_set.class_names, Paths.judges / dataset, extra=extra, overwrite=True)
+        save_judge(judge, train_set.class_names, paths.judge(dataset), overwrite=True)
+        result = results.JudgeResult(accuracy["accuracy"], len(test_set))
         keys = dict(zip(test_set.class_names, safe_names(test_set.class_names), strict=True))
-        per_class = {keys[k]: v for k, v in accuracy["per_class"].items()}
-        mlflow.log_metrics(
-            {"test_accuracy": accuracy["accuracy"], **{f"test_accuracy.{k}": v for k, v in per_class.items()}}
-        )
-        write_json(
-            Paths.metrics / f"judge-{dataset}.json", {"test_accuracy": accuracy["accuracy"], "per_class": per_class}
-        )
-    print(f"judge {dataset}: test accuracy {accuracy['accuracy']:.4f} on {len(test_set)} real test images")
+        per_class = results.PerClass({"judge": {keys[k]: v for k, v in accuracy["per_class"].items()}})
+        results.save(metrics, result)
+        results.save(paths.per_class(metrics), per_class)
+        tracking.log_result(result)
+        tracking.log_result(per_class)
+    accuracy_line = f"real test accuracy {result.test_accuracy:.4f} on {result.test_images} images"
+    summary(f"judge for {dataset}", accuracy_line, paths.show(paths.judge(dataset)))
 
 
 if __name__ == "__main__":

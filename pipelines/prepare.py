@@ -9,13 +9,15 @@ import sys
 from cdiff.data import DATASET, prepare_domain, save_imageset
 from cdiff.errors import CdiffError
 from cdiff.io import atomic_dir, write_json
-from pipelines.common import Paths, mkdirs, params, stage
+from pipelines.core.config import params
+from pipelines.core.console import stage, summary
+from pipelines.core.layout import make_parents, paths
 
 
 @stage
 def main(name: str) -> None:
     p = params()
-    domain = p.data.base if name == "base" else p.domain(name)
+    domain = p.dataset(name)
     sets = prepare_domain(
         domain.source,
         domain.transforms,
@@ -30,9 +32,10 @@ def main(name: str) -> None:
         raise CdiffError(
             f"{domain.source} has {len(sets['train'].class_names)} classes; model.num_classes is {p.model.num_classes}"
         )
-    mkdirs(Paths.prepared)
-    with atomic_dir(Paths.prepared / domain.name, DATASET, overwrite=True) as out:
-        summary = {split: {"count": len(s), "fingerprint": save_imageset(s, out, split)} for split, s in sets.items()}
+    folder = paths.prepared(domain.name)
+    make_parents(folder)
+    with atomic_dir(folder, DATASET, overwrite=True) as out:
+        splits = {split: {"count": len(s), "fingerprint": save_imageset(s, out, split)} for split, s in sets.items()}
         write_json(
             out / "summary.json",
             {
@@ -40,11 +43,13 @@ def main(name: str) -> None:
                 "source": domain.source,
                 "transforms": domain.transforms,
                 "class_names": sets["train"].class_names,
-                "splits": summary,
+                "splits": splits,
             },
         )
-    counts = ", ".join(f"{k} {v['count']}" for k, v in summary.items())
-    print(f"prepared {domain.name} ({domain.source}): {counts}")
+    counts = ", ".join(f"{k} {v['count']}" for k, v in splits.items())
+    summary(
+        f"{domain.name} from {domain.source}", f"{len(sets['train'].class_names)} classes, {counts}", paths.show(folder)
+    )
 
 
 if __name__ == "__main__":

@@ -14,13 +14,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import mlflow
 import yaml
-from mlflow.tracking import MlflowClient
 
 from cdiff.errors import CdiffError
-from pipelines import tracking
-from pipelines.common import ROOT, params, stage
+from pipelines.core import tracking
+from pipelines.core.config import params
+from pipelines.core.console import stage
+from pipelines.core.layout import paths
 
 
 def lock_outputs(lock_file: Path) -> dict[str, str]:
@@ -50,41 +50,29 @@ def main() -> None:
     parser.add_argument("--stage", help="rerun only up to this stage (default: the whole pipeline)")
     parser.add_argument("--dry-run", action="store_true", help="check out and print the command, run nothing")
     args = parser.parse_args()
-    tracking.setup(params())
-    try:
-        run = MlflowClient().get_run(args.run_id)
-    except mlflow.exceptions.MlflowException as e:
-        raise CdiffError(f"no MLflow run {args.run_id} at {tracking.tracking_uri()}") from e
-    commit = run.data.tags.get("git_commit", "unknown")
-    if commit == "unknown":
-        raise CdiffError(f"run {args.run_id} has no git_commit tag: it was not made inside a git checkout")
-    target = (args.dir or ROOT.parent / f"reproduce-{args.run_id[:8]}").resolve()
+    target = (args.dir or paths.root.parent / f"reproduce-{args.run_id[:8]}").resolve()
     if target.exists():
         raise CdiffError(f"{target} exists: choose another --dir")
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for name in ("params.yaml", "dvc.lock"):
-            try:
-                files[name] = Path(
-                    mlflow.artifacts.download_artifacts(run_id=args.run_id, artifact_path=name, dst_path=tmp)
-                )
-            except (mlflow.exceptions.MlflowException, OSError) as e:
-                if name == "params.yaml":
-                    raise CdiffError(f"run {args.run_id} has no params.yaml artifact") from e
+        commit, files = tracking.run_origin(params(), args.run_id, Path(tmp))
+        if commit == "unknown":
+            raise CdiffError(f"run {args.run_id} has no git_commit tag: it was not made inside a git checkout")
+        if paths.params_file.name not in files:
+            raise CdiffError(f"run {args.run_id} has no params.yaml artifact")
         git = subprocess.run(
-            ["git", "worktree", "add", "--detach", str(target), commit], cwd=ROOT, capture_output=True, text=True
+            ["git", "worktree", "add", "--detach", str(target), commit], cwd=paths.root, capture_output=True, text=True
         )
         if git.returncode != 0:
             raise CdiffError(f"git worktree add failed: {git.stderr.strip().splitlines()[-1]}")
-        shutil.copyfile(files["params.yaml"], target / "params.yaml")
-        logged = lock_outputs(files["dvc.lock"]) if "dvc.lock" in files else {}
+        shutil.copyfile(files[paths.params_file.name], target / paths.params_file.name)
+        logged = lock_outputs(files[paths.lock_file.name]) if paths.lock_file.name in files else {}
     command = ["dvc", "repro", *([args.stage] if args.stage else [])]
     print(f"checked out {commit[:12]} with run {args.run_id[:8]}'s params.yaml in {target}")
     if args.dry_run:
         print(f"to reproduce: cd {target} && {' '.join(command)}")
         return
     subprocess.run(command, cwd=target, check=True)
-    same, different = compare(logged, lock_outputs(target / "dvc.lock"))
+    same, different = compare(logged, lock_outputs(target / paths.lock_file.name))
     print(f"outputs identical to the run's dvc.lock: {len(same)}" + (f" ({', '.join(same)})" if same else ""))
     if different:
         print(f"outputs that differ: {', '.join(different)}")

@@ -1,56 +1,42 @@
 """Stage sample@DOMAIN: sample grids per domain, the base alone vs base + adapter (merged), same seed."""
 
 import sys
-
-import mlflow
+from functools import partial
 
 from cdiff.checkpoint import load_model
+from cdiff.grid import sample_grid
 from cdiff.lora import load_adapter, merge_lora, read_adapter_config
-from cdiff.samplers import sample
-from pipelines import tracking
-from pipelines.common import Paths, params, stage
-from pipelines.outputs import write_grid
+from pipelines.core import tracking
+from pipelines.core.config import params
+from pipelines.core.console import stage, summary
+from pipelines.core.layout import make_parents, paths
 
 
 @stage
 def main(name: str) -> None:
     p = params()
-    s = p.sample
-    model, schedule, _ = load_model(Paths.base_model)
-    class_names = read_adapter_config(Paths.adapters / name)["class_names"]
-    ids = [c for c in range(len(class_names)) for _ in range(s.per_class)]
-    out = Paths.samples / name
-    settings = f"{s.sampler}{'' if s.sampler == 'ddpm' else f'-{s.steps}'}, guidance {s.guidance_scale}, seed {p.seed}"
-    grids = {}
-    for kind in ("base", "adapter"):
-        if kind == "adapter":
-            load_adapter(model, Paths.adapters / name)
-            merge_lora(model)  # zero-overhead inference
-        images = sample(
-            model,
-            schedule,
-            ids,
-            sampler=s.sampler,
-            steps=s.steps,
-            eta=s.eta,
-            guidance_scale=s.guidance_scale,
-            seed=p.seed,
-        )
-        labels = class_names if kind == "adapter" else [f"{n} (base id {i})" for i, n in enumerate(class_names)]
-        grids[kind] = out / f"{kind}.png"
-        write_grid(
-            grids[kind],
-            images,
-            labels,
-            s.per_class,
-            f"{name}: {'base + LoRA adapter' if kind == 'adapter' else 'base alone'} ({settings})",
-        )
-    run = tracking.read_run_file(Paths.runs / f"finetune-{name}.json")
-    tracking.setup(p)
-    with mlflow.start_run(run_id=run["run_id"]):
-        for path in grids.values():
-            mlflow.log_artifact(str(path), "samples")
-    print(f"samples {name}: {', '.join(str(g) for g in grids.values())}")
+    model, schedule, _ = load_model(paths.base_model)
+    class_names = read_adapter_config(paths.adapter(name))["class_names"]
+    grids = base_grid, adapter_grid = paths.domain_grid(name, "base"), paths.domain_grid(name, "adapter")
+    make_parents(*grids)
+    classes = list(range(len(class_names)))
+    draw = partial(
+        sample_grid,
+        model=model,
+        schedule=schedule,
+        sampler=p.sampler,
+        class_ids=classes,
+        per_class=p.sample.per_class,
+        seed=p.seed,
+    )
+    draw(base_grid, row_labels=[f"{n} (base id {i})" for i, n in enumerate(class_names)], title=f"{name}: base alone")
+    load_adapter(model, paths.adapter(name))
+    merge_lora(model)  # zero-overhead inference
+    draw(adapter_grid, row_labels=class_names, title=f"{name}: base + LoRA adapter")
+    with tracking.reopen(p, paths.finetune_run(name)):
+        for grid in grids:
+            tracking.log_files(grid, "samples")
+    summary(f"{len(grids)} grids of {len(classes)} classes", str(p.sampler), ", ".join(map(paths.show, grids)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
 import socket
@@ -23,6 +22,7 @@ from hypothesis import HealthCheck, event, settings
 from hypothesis.control import currently_in_test_context
 from PIL import Image
 
+from cdiff import results
 from cdiff.checkpoint import load_model, save_model
 from cdiff.cli import main
 from cdiff.config import DiffusionConfig
@@ -103,11 +103,18 @@ def make_workspace(root: Path) -> Path:
         for i in range(3):
             Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(root / "images" / c / f"{i}.png")
     (root / "params.yaml").write_text((Path(__file__).parent / "tiny_params.yaml").read_text())
-    summary = {"metrics": {k: 1.0 for k in ("fid_floor", "fid_base", "fid_adapter", "gan_test_adapter")}}
-    summary["metrics"].update(judge_test_accuracy=0.9, r=2, alpha=2.0, trainable_share=0.01)
-    (root / "summary.json").write_text(json.dumps({"settings": "s", "domains": {"d": {**summary, "goals": []}}}))
+    results.save(root / "summary.json", _run_summary())
     os.symlink("grid.png", root / "link.png")
     return root
+
+
+def _run_summary() -> results.RunSummary:
+    """A small reports/summary.json for `cdiff compare`."""
+    score = results.Score(1.0, 0.9, 20)
+    base_eval = results.BaseEvaluation(score, score, 0.9, "ddim-5", 2.0)
+    base = results.BaseSummary(results.PretrainResult(0.5, 0.5, 10), base_eval, [])
+    evaluation = results.DomainEvaluation(score, score, score, 0.5, 0.4, 0.9, 2, 2.0, 10, 0.01)
+    return results.RunSummary("s", base, {"d": results.DomainSummary(evaluation, 1e-3, None, [])})
 
 
 @contextlib.contextmanager

@@ -1,6 +1,9 @@
 import json
+import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -139,9 +142,9 @@ def _one_error_line(capsys) -> str:
 
 
 def test_sample_refuses_an_existing_folder_before_sampling(model_dir, capsys, monkeypatch):
-    import cdiff.samplers
+    import cdiff.grid
 
-    monkeypatch.setattr(cdiff.samplers, "sample", lambda *a, **k: pytest.fail("sampled before checking -o"))
+    monkeypatch.setattr(cdiff.grid, "sample", lambda *a, **k: pytest.fail("sampled before checking -o"))
     (model_dir / "out").mkdir()
     assert main(["sample", str(model_dir / "model"), "-o", str(model_dir / "out")]) == 2
     assert "is a folder" in _one_error_line(capsys)
@@ -240,3 +243,55 @@ def test_paths_expand_home_and_odd_names_print(model_dir, capsys, monkeypatch):
     assert main(["sample", "~/model", "--n", "1", "--steps", "1", "-o", "~/caf\udce9.png"]) == 0
     assert "caf\\udce9.png" in capsys.readouterr().out
     assert [p.name for p in model_dir.glob("caf*.png")] == ["caf\udce9.png"]
+
+
+def test_read_only_output_folder_is_refused_in_one_line():
+    """Run as an unprivileged user (root writes anywhere), with a real read-only folder."""
+    from cdiff.checkpoint import save_model
+    from cdiff.config import DiffusionConfig
+    from cdiff.model import UNet
+    from tests.conftest import tiny_config
+
+    work = Path(tempfile.mkdtemp(prefix="cdiff-ro-"))
+    try:
+        os.chmod(work, 0o755)
+        save_model(UNet(tiny_config(), ["a", "b", "c"]), DiffusionConfig(timesteps=10), work / "model")
+        for p in [work / "model", *(work / "model").iterdir()]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        (work / "ro").mkdir(mode=0o555)
+        os.chmod(work / "ro", 0o555)
+        cmd = [
+            sys.executable,
+            "-m",
+            "cdiff",
+            "sample",
+            str(work / "model"),
+            "--n",
+            "1",
+            "-o",
+            str(work / "ro" / "x.png"),
+        ]
+        if os.geteuid() == 0:
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+        assert out.returncode == 2, out.stderr
+        err = out.stderr.strip().splitlines()
+        assert len(err) == 1 and "is not writable" in err[0], out.stderr
+        assert list((work / "ro").iterdir()) == []
+    finally:
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def test_train_reads_its_sections_of_params_yaml_without_the_pipeline(tmp_path):
+    code = f"""
+import sys
+from cdiff.cli import main
+code = main(["train", "--params", "tests/tiny_params.yaml", "--steps", "1", "-o", {str(tmp_path / "m")!r}])
+print(code, sorted(m for m in sys.modules if m.split(".")[0] in ("pipelines", "ray", "mlflow", "dvc")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "0 []"
+    from cdiff.checkpoint import load_model
+
+    _, _, config = load_model(tmp_path / "m")
+    assert config["model"]["image_size"] == 12 and config["diffusion"]["timesteps"] == 100  # the tiny params'

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cdiff.config import load_params
+from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig, load_sections
 from cdiff.errors import CdiffError
+from pipelines.core.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,6 +38,8 @@ def test_default_params_load():
         (lambda r: r["evaluate"].update(full_finetune=["cifar"]), "evaluate.full_finetune"),
         (lambda r: r["data"]["domains"].update(base=r["data"]["domains"]["digits"]), "data.domains.base"),
         (lambda r: r["judge"].update(features=0), "judge.features"),
+        (lambda r: r["sample"].update(sampler="euler"), "sample.sampler"),
+        (lambda r: r["data"]["domains"]["digits"].update(source="imagefolder:/tmp/pets"), "data.domains.digits.source"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, edit, key):
@@ -130,3 +133,20 @@ def test_a_small_alias_still_works_and_huge_values_make_short_messages(tmp_path)
     with pytest.raises(CdiffError, match="model.n_ctx: expected an integer") as err:
         load_params(path)
     assert len(str(err.value)) < 300
+
+
+def test_image_folders_must_live_where_dvc_tracks_them(tmp_path):
+    def edit(raw):
+        raw["data"]["domains"]["digits"]["source"] = "imagefolder:data/images/pets"
+
+    assert load_params(_write(tmp_path, edit)).domain("digits").source == "imagefolder:data/images/pets"
+
+
+def test_library_sections_load_without_the_pipeline_sections(tmp_path):
+    path = _write(tmp_path, lambda r: r.update(ray="not even a mapping", tune=None))
+    sections = load_sections(path, {"model": ModelConfig, "diffusion": DiffusionConfig, "train.base": TrainConfig})
+    assert sections["model"].base_channels == [24, 48, 96] and sections["train.base"].steps == 700
+    with pytest.raises(CdiffError, match="^train.base.lr"):
+        load_sections(_write(tmp_path, lambda r: r["train"]["base"].update(lr=-1.0)), {"train.base": TrainConfig})
+    with pytest.raises(CdiffError, match="^judge.missing: missing from"):
+        load_sections(path, {"judge.missing": TrainConfig})

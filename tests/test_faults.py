@@ -15,12 +15,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cdiff.config import load_params
 from cdiff.data import load_source
 from cdiff.model import UNet
 from cdiff.schedule import NoiseSchedule
 from cdiff.train import train
-from pipelines.common import ray_session
+from pipelines.core import distributed
+from pipelines.core.config import load_params
+from pipelines.core.jobs import job_for
 from tests.helpers import ROOT, make_project, run
 
 pytestmark = pytest.mark.slow
@@ -37,8 +38,6 @@ def _train_workers() -> list[psutil.Process]:
 def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
-
-    from pipelines.distributed import fit
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -65,8 +64,8 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    with ray_session(p):
-        _, curve = fit(p, "fault", p.model, data, cfg, mlflow_run_id=run_id)
+    with distributed.session(p):
+        _, curve = distributed.fit(p, job_for(p, "base", data, cfg), mlflow_run_id=run_id)
     thread.join(1)
     assert killed, "no worker was killed: the test did not exercise the failure"
     expected = list(range(10, 1001, 10))
@@ -87,7 +86,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 def _registered_checkpoint(storage: Path) -> bool:
     """A checkpoint Ray's controller has recorded (a checkpoint folder alone may still be being written)."""
-    for snapshot in storage.glob("pretrain-*/checkpoint_manager_snapshot.json"):
+    for snapshot in storage.glob("base-*/checkpoint_manager_snapshot.json"):
         try:
             if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
                 return True
@@ -177,7 +176,7 @@ def _logging_trial(config):
     from mlflow.tracking import MlflowClient
     from ray import tune
 
-    from pipelines.tracking import log_curve
+    from pipelines.core.tracking import log_curve
 
     client = MlflowClient(config["uri"])
     run_id = client.create_run(config["experiment_id"], tags={"trial": str(config["trial"])}).info.run_id
@@ -254,7 +253,7 @@ def test_concurrent_tune_trials_lose_no_metric(tmp_path, mlflow_server, monkeypa
     p = load_params(ROOT / "tests" / "tiny_params.yaml")
     stores = {"sqlite": f"sqlite:///{tmp_path}/mlflow.db", "server": mlflow_server}
     trials, points = 4, 40
-    with ray_session(p):
+    with distributed.session(p):
         for name, uri in stores.items():
             experiment_id = MlflowClient(uri).create_experiment(f"concurrent-{name}")
             tuner = tune.Tuner(

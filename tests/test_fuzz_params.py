@@ -9,8 +9,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdiff.config import Params, from_dict, load_params
+from cdiff.config import from_dict
 from cdiff.errors import CdiffError
+from pipelines.core.config import Params, load_params
 from tests.fuzzing import FUZZ, NASTY_VALUES
 
 TINY = yaml.safe_load((Path(__file__).parent / "tiny_params.yaml").read_text())

@@ -2,20 +2,21 @@ import pytest
 import torch
 
 from cdiff.errors import CdiffError
-from cdiff.samplers import ddim_timesteps, guided_eps, sample
+from cdiff.samplers import Sampler, ddim_timesteps, guided_eps, sample
 
 
 def test_ddim_eta0_is_deterministic_for_a_seed(tiny_model, schedule):
-    a = sample(tiny_model, schedule, [0, 1], sampler="ddim", steps=5, seed=3, guidance_scale=2.0, progress=False)
-    b = sample(tiny_model, schedule, [0, 1], sampler="ddim", steps=5, seed=3, guidance_scale=2.0, progress=False)
-    c = sample(tiny_model, schedule, [0, 1], sampler="ddim", steps=5, seed=4, guidance_scale=2.0, progress=False)
+    ddim = Sampler("ddim", 5, guidance_scale=2.0)
+    a = sample(tiny_model, schedule, [0, 1], ddim, seed=3, progress=False)
+    b = sample(tiny_model, schedule, [0, 1], ddim, seed=3, progress=False)
+    c = sample(tiny_model, schedule, [0, 1], ddim, seed=4, progress=False)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (2, 1, 12, 12) and a.abs().max() <= 1
 
 
 def test_ddpm_is_seeded(tiny_model, schedule):
-    a = sample(tiny_model, schedule, [2], sampler="ddpm", seed=1, progress=False)
-    b = sample(tiny_model, schedule, [2], sampler="ddpm", seed=1, progress=False)
+    a = sample(tiny_model, schedule, [2], Sampler("ddpm", None), seed=1, progress=False)
+    b = sample(tiny_model, schedule, [2], Sampler("ddpm", None), seed=1, progress=False)
     assert torch.equal(a, b)
 
 
@@ -35,9 +36,39 @@ def test_ddim_timesteps_span_the_schedule():
         ddim_timesteps(10, 11)
 
 
-def test_bad_guidance_is_refused(tiny_model, schedule):
-    with pytest.raises(CdiffError):
-        sample(tiny_model, schedule, [0], guidance_scale=float("nan"), progress=False)
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"guidance_scale": float("nan")}, "sampler.guidance_scale"),
+        ({"guidance_scale": -1.0}, "sampler.guidance_scale"),
+        ({"eta": float("inf")}, "sampler.eta"),
+        ({"kind": "euler"}, "sampler.sampler: unknown sampler 'euler'"),
+        ({"steps": 0}, "sampler.steps"),
+        ({"kind": "ddpm", "steps": 50}, "ddpm takes no step count"),
+    ],
+)
+def test_bad_sampler_settings_are_refused_in_one_line(kwargs, message):
+    with pytest.raises(CdiffError, match=message) as err:
+        Sampler(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+def test_sampler_labels_parse_back():
+    for spec in ("ddpm", "ddim-1", "ddim-50"):
+        s = Sampler.parse(spec, eta=0.5, guidance_scale=3.0)
+        assert s.label == spec and Sampler.parse(s.label, s.eta, s.guidance_scale) == s
+    assert Sampler.of("ddpm", 50) == Sampler("ddpm", None)  # a step count means nothing to ddpm
+    assert str(Sampler("ddim", 20, 0.0, 2.0)) == "ddim-20, guidance 2"
+    for bad in ("ddim", "ddim-0", "ddim-x", "ddpm-10", "dpm-3", ""):
+        with pytest.raises(CdiffError, match="unknown sampler"):
+            Sampler.parse(bad, key="evaluate.sampler_sweep")
+
+
+def test_ddpm_and_ddim_differ_and_follow_the_setting(tiny_model, schedule):
+    ddpm = sample(tiny_model, schedule, [0], Sampler("ddpm", None), seed=0, progress=False)
+    ddim = sample(tiny_model, schedule, [0], Sampler("ddim", 5), seed=0, progress=False)
+    ddim_guided = sample(tiny_model, schedule, [0], Sampler("ddim", 5, guidance_scale=1.0), seed=0, progress=False)
+    assert not torch.equal(ddpm, ddim) and not torch.equal(ddim, ddim_guided)
 
 
 class _Oracle(torch.nn.Module):
@@ -57,7 +88,7 @@ class _Oracle(torch.nn.Module):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_samplers_land_on_the_data_with_an_exact_model(schedule, sampler):
     c = torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
-    out = sample(_Oracle(schedule, c), schedule, [0, 1], sampler=sampler, steps=10, guidance_scale=2.0, progress=False)
+    out = sample(_Oracle(schedule, c), schedule, [0, 1], Sampler.of(sampler, 10, guidance_scale=2.0), progress=False)
     assert torch.allclose(out, c.expand(2, -1, -1, -1), atol=1e-3)
 
 

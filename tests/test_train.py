@@ -1,12 +1,13 @@
 import pytest
 import torch
 
+from cdiff.batches import BatchPlan
 from cdiff.config import TrainConfig
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
 from cdiff.lora import inject_lora
 from cdiff.model import UNet
-from cdiff.train import BatchPlan, new_state, train, validation_loss
+from cdiff.train import new_state, train, validation_loss
 from tests.conftest import tiny_config
 
 

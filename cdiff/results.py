@@ -1,0 +1,220 @@
+"""Typed result records of a pipeline run, and their one file form (JSON; CSV for the sweeps).
+
+The stages write them; `report`, `python -m pipelines.compare` and `cdiff compare` read them, and no
+metric is read back by a string key anywhere else. They are plain dataclasses, so the library's CLI
+reads a run's summary without the pipeline. Floats must be finite: a NaN stops the write.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from cdiff.config import from_dict
+from cdiff.errors import CdiffError
+from cdiff.io import Artefact, atomic_write, read_json, write_json
+
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Score:
+    """A set of images in the eyes of its dataset's judge. An interval would be one more field per value."""
+
+    fid: float  # judge-feature FID against the real test split: lower is better
+    gan_test: float  # share of the images the judge classifies as their class
+    images: int  # how many were scored (FID is biased upwards at small counts)
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    val_loss: float
+    final_train_loss: float
+    steps: int
+
+
+@dataclass(frozen=True)
+class JudgeResult:
+    test_accuracy: float  # on the real test split: the ceiling for GAN-test accuracy
+    test_images: int
+
+
+@dataclass(frozen=True)
+class BaseEvaluation:
+    floor: Score  # real train images vs the real test split
+    base: Score
+    judge_test_accuracy: float
+    sampler: str  # the label of the sampler used, e.g. ddim-50
+    guidance_scale: float
+
+
+@dataclass(frozen=True)
+class DomainEvaluation:
+    floor: Score
+    base: Score  # the base alone on the domain
+    adapter: Score  # base + adapter (merged)
+    test_loss_base: float  # the deterministic epsilon loss on the test split
+    test_loss_adapter: float
+    judge_test_accuracy: float
+    r: int  # the adapter's own (adapter_config.json)
+    alpha: float
+    trainable_params: int
+    trainable_share: float  # of the base's parameters
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    r: int
+    alpha: float
+    lr: float
+    val_loss: float
+    trainable_params: int
+    trainable_share: float
+
+
+@dataclass(frozen=True)
+class FullFinetuneResult:
+    score: Score
+    test_loss: float
+    trainable_params: int
+
+
+@dataclass(frozen=True)
+class PerClass:
+    """GAN-test accuracy per class, per model ('base', 'adapter', 'full'): the detail behind a Score."""
+
+    accuracy: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class TuneTrial:
+    trial: int
+    r: int
+    alpha: float
+    lr: float
+    val_loss: float  # the best validation loss the trial reached
+    steps: int  # how far it ran before ASHA stopped it (or its budget ran out)
+
+
+@dataclass(frozen=True)
+class TuneTrials:
+    trials: list[TuneTrial]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    setting: str  # a guidance scale ("2.0") or a sampler label ("ddim-50")
+    score: Score
+    seconds: float  # to generate the images
+
+
+@dataclass(frozen=True)
+class Goal:
+    goal: str
+    value: float | None  # None where it is undefined (e.g. a full fine-tune no better than the base)
+    target: float
+    met: bool
+
+
+@dataclass(frozen=True)
+class BaseSummary:
+    pretrain: PretrainResult
+    evaluation: BaseEvaluation
+    goals: list[Goal]
+
+
+@dataclass(frozen=True)
+class DomainSummary:
+    evaluation: DomainEvaluation
+    lr: float  # chosen by Tune
+    full: FullFinetuneResult | None
+    goals: list[Goal]
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """reports/summary.json: what `cdiff compare` prints."""
+
+    settings: str
+    base: BaseSummary
+    domains: dict[str, DomainSummary] = field(default_factory=dict)
+    format: str = "cdiff-report"  # marks the folder as a report, which only a report may replace
+
+
+REPORT = Artefact("report folder", folder=True, marker="summary.json", format=RunSummary.format)
+
+
+def save(path: str | Path, record) -> None:
+    data = dataclasses.asdict(record)
+    _check_finite(data, Path(path).name)
+    write_json(path, data)
+
+
+def load(path: str | Path, cls: type[R], what: str | None = None) -> R:
+    """Read a record; a missing, corrupt or outdated file is a one-line error."""
+    path = Path(path)
+    raw = read_json(path, what or f"{cls.__name__} record")
+    return from_dict(cls, raw, path.name)
+
+
+def scalars(record, prefix: str = "") -> dict[str, float]:
+    """The numbers of a record under dotted names ('adapter.fid'): what MLflow logs."""
+    out = {}
+    for key, value in (dataclasses.asdict(record) if dataclasses.is_dataclass(record) else record).items():
+        if isinstance(value, dict):
+            out.update(scalars(value, f"{prefix}{key}."))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[f"{prefix}{key}"] = float(value)
+    return out
+
+
+def save_sweep(path: str | Path, over: str, points: list[SweepPoint]) -> None:
+    """A sweep as CSV for `dvc plots`: one row per setting."""
+    _check_finite([dataclasses.asdict(p) for p in points], Path(path).name)
+    rows = [f"{p.setting},{p.score.fid:.6f},{p.score.gan_test:.6f},{p.seconds:.3f},{p.score.images}\n" for p in points]
+    with atomic_write(path) as tmp:
+        tmp.write_text(f"{over},fid,gan_test,seconds,images\n" + "".join(rows))
+
+
+def load_sweep(path: str | Path) -> list[SweepPoint]:
+    path = Path(path)
+    if not path.is_file():
+        raise CdiffError(f"sweep not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        try:
+            next(reader)
+            return [SweepPoint(s, Score(float(fid), float(acc), int(n)), float(sec)) for s, fid, acc, sec, n in reader]
+        except (StopIteration, ValueError) as e:
+            raise CdiffError(f"sweep {path} is not a sweep CSV ({e}): rerun its stage") from e
+
+
+def save_curve(path: str | Path, curve: list[tuple[int, float]]) -> None:
+    """A loss curve as CSV (step, loss) for `dvc plots`."""
+    _check_finite([v for _, v in curve], Path(path).name)
+    with atomic_write(path) as tmp:
+        tmp.write_text("step,loss\n" + "".join(f"{s},{v:.6f}\n" for s, v in curve))
+
+
+def load_curve(path: str | Path) -> list[tuple[int, float]]:
+    path = Path(path)
+    if not path.is_file():
+        raise CdiffError(f"loss curve not found: {path}")
+    with open(path, newline="") as f:
+        try:
+            return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(f)]
+        except (KeyError, ValueError) as e:
+            raise CdiffError(f"loss curve {path} is not a step,loss CSV ({e}): rerun its stage") from e
+
+
+def _check_finite(data, where: str) -> None:
+    values = data.values() if isinstance(data, dict) else data if isinstance(data, list) else [data]
+    for value in values:
+        if isinstance(value, dict | list):
+            _check_finite(value, where)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise CdiffError(f"{where}: a result is {value}: the model or the judge diverged")

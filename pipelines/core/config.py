@@ -1,0 +1,184 @@
+"""The pipeline's settings: the whole params.yaml as `Params`, and the sections only the pipeline reads.
+
+The library's sections (model, diffusion, train, LoRA, data, sample, judge) are cdiff.config's;
+Ray, Tune, MLflow and evaluation settings are here. Built once per stage by `load_params`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cdiff.config import (
+    DataConfig,
+    DiffusionConfig,
+    DomainConfig,
+    JudgeConfig,
+    ModelConfig,
+    SampleConfig,
+    TrainConfig,
+    from_dict,
+    read_yaml,
+)
+from cdiff.errors import CdiffError
+from cdiff.samplers import Sampler
+from pipelines.core.layout import paths
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 4
+    max_concurrent: int = 2
+    ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    alpha_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # alpha = ratio * r
+    lr_min: float = 5e-4
+    lr_max: float = 1e-2
+    steps_per_trial: int = 300  # the budget of one trial (ASHA's max_t)
+    eval_every: int = 50  # a validation loss every this many steps: ASHA's rungs
+    grace_period: int = 100
+    reduction_factor: int = 2
+    val_images: int = 256
+    batch_size: int = 64
+
+    def validate(self, key: str = "tune") -> None:
+        for name in ("num_samples", "max_concurrent", "steps_per_trial", "eval_every", "val_images", "batch_size"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
+        _check(self.ranks and all(r >= 1 for r in self.ranks), f"{key}.ranks", "LoRA ranks must be >= 1")
+        _check(self.alpha_ratios and all(a > 0 for a in self.alpha_ratios), f"{key}.alpha_ratios", "must be > 0")
+        _check(0 < self.lr_min <= self.lr_max, f"{key}.lr_min", "need 0 < lr_min <= lr_max")
+        _check(1 <= self.grace_period <= self.steps_per_trial, f"{key}.grace_period", "must be in [1, steps]")
+        _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "must be at least 2")
+
+
+@dataclass
+class EvaluateConfig:
+    val_images: int = 512  # held-out images for the deterministic validation loss
+    fid_per_class: int = 30  # generated (and real-train floor) images per class for FID and GAN-test accuracy
+    sweep_per_class: int = 6  # images per class for each point of the base's guidance and sampler sweeps
+    guidance_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
+    sampler_sweep: list[str] = field(default_factory=lambda: ["ddpm", "ddim-20", "ddim-50", "ddim-100"])
+    full_finetune: list[str] = field(default_factory=list)  # domains that also get a full fine-tune reference
+
+    def validate(self, key: str = "evaluate") -> None:
+        for name in ("val_images", "fid_per_class", "sweep_per_class"):
+            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
+        for g in self.guidance_sweep:
+            _check(math.isfinite(g) and g >= 0, f"{key}.guidance_sweep", "entries must be numbers >= 0")
+        for spec in self.sampler_sweep:
+            Sampler.parse(spec, key=f"{key}.sampler_sweep")
+
+
+@dataclass
+class RayConfig:
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    num_cpus: int = 2  # size of the local Ray instance when RAY_ADDRESS is unset
+    storage_path: str = "ray_results"
+    max_failures: int = 2
+
+    def validate(self, key: str = "ray") -> None:
+        _check(self.num_workers >= 1, f"{key}.num_workers", "must be at least 1")
+        _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
+        _check(self.num_cpus >= 1, f"{key}.num_cpus", "must be at least 1")
+        _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1: retry forever)")
+
+
+@dataclass
+class MlflowConfig:
+    experiment: str = "cdiff"
+    base_model_name: str = "cdiff-base"
+    adapter_model_prefix: str = "cdiff-adapter-"
+
+    def validate(self, key: str = "mlflow") -> None:
+        _check(bool(self.experiment), f"{key}.experiment", "must not be empty")
+
+
+@dataclass
+class TrainSection:
+    base: TrainConfig = field(default_factory=TrainConfig)
+    lora: TrainConfig = field(default_factory=TrainConfig)
+    full: TrainConfig = field(default_factory=TrainConfig)  # the full fine-tune reference (evaluate.full_finetune)
+
+
+@dataclass
+class Params:
+    data: DataConfig
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def validate(self) -> None:
+        self.data.validate()
+        self.model.validate()
+        self.diffusion.validate()
+        self.train.base.validate("train.base")
+        self.train.lora.validate("train.lora")
+        self.tune.validate()
+        self.sample.validate()
+        Sampler.from_config(self.sample)  # its kind, steps, eta and guidance, checked where the samplers live
+        self.train.full.validate("train.full")
+        self.judge.validate()
+        self.evaluate.validate()
+        for name in self.evaluate.full_finetune:
+            _check(name in self.data.domains, "evaluate.full_finetune", f"{name!r} is not a domain in data.domains")
+        self.ray.validate()
+        self.mlflow.validate()
+        for key, d in [
+            ("data.base", self.data.base),
+            *((f"data.domains.{n}", d) for n, d in self.data.domains.items()),
+        ]:
+            _check_image_folder(d.source, f"{key}.source")
+
+    @property
+    def sampler(self) -> Sampler:
+        """The pipeline's sampling setting (`sample:`), as one value."""
+        return Sampler.from_config(self.sample)
+
+    def dataset(self, name: str) -> DomainConfig:
+        """'base' -> the base dataset; a domain's name -> that domain."""
+        return self.data.base if name == "base" else self.domain(name)
+
+    def tuned(self, name: str, r: int, alpha: float, lr: float) -> Params:
+        """These params with a domain's LoRA rank, alpha and lr replaced by tuned ones: what its fine-tune ran with."""
+        d = self.domain(name)
+        domains = {**self.data.domains, name: replace(d, lora=replace(d.lora, r=r, alpha=alpha))}
+        train = replace(self.train, lora=replace(self.train.lora, lr=lr))
+        return replace(self, data=replace(self.data, domains=domains), train=train)
+
+    def domain(self, name: str) -> DomainConfig:
+        if name not in self.data.domains:
+            raise CdiffError(f"unknown domain {name!r}: params.yaml data.domains has {', '.join(self.data.domains)}")
+        return self.data.domains[name]
+
+
+def params() -> Params:
+    """The stage's params: params.yaml at the repository root."""
+    return load_params(paths.params_file)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    params = from_dict(Params, read_yaml(path), "")
+    params.validate()
+    return params
+
+
+def _check(ok, key: str, msg: str) -> None:
+    if not ok:
+        raise CdiffError(f"{key}: {msg}")
+
+
+def _check_image_folder(source: str, key: str) -> None:
+    """An image folder must lie under data/images/, which the prepare stages depend on (dvc.yaml)."""
+    folder = source.removeprefix("imagefolder:")
+    inside = folder == source or (paths.root / folder).resolve().is_relative_to(paths.images)
+    where = paths.show(paths.images)
+    _check(inside, key, f"image folders live under {where}/ (so DVC sees their changes): move or link {folder} there")

@@ -1,0 +1,274 @@
+"""Ray, and only here: the session, Ray Train for a TrainJob, and Ray Tune's search over LoRA settings.
+
+Train: each worker runs cdiff.train.train on its slice of every global batch (cdiff's seeded
+sharding, the DistributedSampler equivalent); DDP averages gradients (gloo on CPU, nccl on GPU).
+Rank 0 checkpoints every `checkpoint_every` steps; a rerun of the same job gets the same run name
+(jobs.run_name), so Ray hands back the latest checkpoint and training resumes there.
+
+Tune: each trial is a function trainable that trains in-process on 1 CPU (no nested Train run), so
+`tune.max_concurrent` trials run side by side on a 2-CPU machine without deadlock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
+from tqdm.auto import tqdm
+
+from cdiff.data import ImageSet
+from cdiff.model import UNet
+from cdiff.results import TuneTrial
+from cdiff.schedule import NoiseSchedule
+from cdiff.train import apply_ema, new_state, validation_loss
+from pipelines.core import tracking
+from pipelines.core.config import Params
+from pipelines.core.console import is_noise
+from pipelines.core.jobs import TrainJob, build_model, run_name, train_job
+from pipelines.core.layout import paths
+
+STATE_FILE = "state.pt"
+
+
+@contextlib.contextmanager
+def session(p: Params):
+    """Join the cluster at RAY_ADDRESS, or start a local Ray sized by params (no dashboard); shut down after."""
+    env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "GLOO_SOCKET_IFNAME") if k in os.environ}
+    runtime_env = {"env_vars": env}
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
+    else:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local CPU DDP: gloo on loopback
+        env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
+        ray.init(num_cpus=p.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env, configure_logging=False)
+    _drop_forwarded_noise()
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _drop_forwarded_noise() -> None:
+    """Wrap the driver's printers of worker output so that lines console.is_noise names are dropped."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def keep(handle):
+        def printer(data: dict) -> None:
+            lines = [line for line in data.get("lines", []) if not is_noise(line)]
+            if lines:
+                handle({**data, "lines": lines})
+
+        return printer
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, keep(handle)) for name, handle in dispatcher.handlers]
+
+
+# ---- Ray Train -------------------------------------------------------------------------------
+
+
+def train_fn(config: dict) -> None:
+    """Runs on every Ray Train worker; rank 0 shows the one progress bar (rendered by the driver)."""
+    from ray.experimental.tqdm_ray import tqdm as ray_tqdm
+
+    job: TrainJob = ray.get(config["job"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(job.threads)
+    model = build_model(job)
+    device = ray.train.torch.get_device()
+    model.to(device)
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            resume = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+    state = new_state(model, job.train, resume)
+    if resume is not None and rank == 0:
+        print(f"resuming from the checkpoint at step {state.step} of {job.train.steps}", flush=True)
+    ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPU, nccl on GPU)
+    bar = ray_tqdm(desc=f"train {job.kind}", total=job.train.steps) if rank == 0 else None
+    pending: list[tuple[int, float]] = []
+    reported = False
+
+    def on_log(step: int, metrics: dict) -> None:
+        pending.append((step, metrics["loss"]))
+        if bar:
+            bar.update(step - bar.n)
+            bar.set_description(f"train {job.kind}: loss {metrics['loss']:.4f}")
+
+    def on_checkpoint(st) -> None:
+        nonlocal reported
+        metrics = {"step": st.step, "loss": pending[-1][1] if pending else math.nan, "curve": list(pending)}
+        pending.clear()
+        if rank == 0:  # rank 0 alone writes
+            with tempfile.TemporaryDirectory() as d:
+                torch.save(st.state_dict(ddp_model), Path(d) / STATE_FILE)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)  # a barrier: every worker reports as often as rank 0
+        reported = True
+
+    if bar:
+        bar.update(state.step)
+    train_job(
+        ddp_model,
+        job,
+        state=state,
+        rank=rank,
+        world_size=world,
+        device=device,
+        on_log=on_log,
+        on_checkpoint=on_checkpoint,
+        progress=False,
+    )
+    if bar:
+        bar.close()
+    if not reported:  # resumed from the final checkpoint: hand it back as this run's result
+        on_checkpoint(state)
+
+
+class CurveToMlflow(UserCallback):
+    """Logs the loss curve onto an MLflow run from Ray's controller: one writer, every step once.
+
+    After a worker failure Ray restarts from the latest checkpoint and trains the steps after it
+    again, with the same numbers (a step's randomness is a function of (seed, step)). Points of
+    steps already logged are skipped, so the run keeps one continuous history.
+    """
+
+    def __init__(self, run_id: str):
+        self.tracking_uri, self.run_id, self.last_step = tracking.tracking_uri(), run_id, 0
+
+    def after_report(self, run_context, metrics, checkpoint):
+        curve = [(int(s), float(v)) for s, v in (metrics[0].get("curve", []) if metrics else [])]
+        new = [(s, v) for s, v in curve if s > self.last_step]
+        if new:
+            tracking.log_curve(self.run_id, "loss", new, self.tracking_uri)
+            self.last_step = new[-1][0]
+
+
+def fit(p: Params, job: TrainJob, *, mlflow_run_id: str | None = None) -> tuple[UNet, list[tuple[int, float]]]:
+    """Train a job with TorchTrainer; returns (the model with its EMA weights, the full loss curve)."""
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={"job": ray.put(job)},  # sent whole, through the object store
+        torch_config=TorchConfig(backend="nccl" if p.ray.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=p.ray.num_workers, use_gpu=p.ray.use_gpu, resources_per_worker={"CPU": p.ray.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            name=run_name(job),
+            storage_path=paths.ray_storage(p.ray.storage_path),
+            callbacks=[CurveToMlflow(mlflow_run_id)] if mlflow_run_id else [],
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=p.ray.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Train's progress notes; warnings still show
+        ),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    curve = [(int(s), float(v)) for s, v in state["losses"].tolist()]
+    if mlflow_run_id:  # a stage resumed from a checkpoint logs the steps trained before it, too
+        tracking.log_missing(mlflow_run_id, "loss", curve)
+    model = build_model(job)
+    model.load_state_dict(state["model"])
+    apply_ema(model, state["ema"])
+    return model.eval(), curve
+
+
+# ---- Ray Tune --------------------------------------------------------------------------------
+
+
+def _trial(config: dict, *, job: TrainJob, val_set: ImageSet, val_images: int, use_gpu: bool) -> None:
+    """One Tune trial: the job with the trial's rank, alpha and lr, validated every `log_every` steps."""
+    torch.set_num_threads(job.threads)
+    device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+    r = config["r"]
+    job = dataclasses.replace(
+        job,
+        lora=dataclasses.replace(job.lora, r=r, alpha=config["alpha_ratio"] * r),
+        train=dataclasses.replace(job.train, lr=config["lr"]),
+    )
+    model = build_model(job).to(device)
+    schedule = NoiseSchedule(job.diffusion)
+
+    def report(step: int, metrics: dict) -> None:
+        val = validation_loss(model, schedule, val_set, val_images, seed=job.seed, device=device)
+        tune.report({"val_loss": val, "train_loss": metrics["loss"], "step": step})
+
+    train_job(model, job, device=device, on_log=report, progress=False)
+
+
+class _TrialBar(tune.Callback):
+    """The tune stage's one progress bar: trials done (ASHA stops some early)."""
+
+    def __init__(self, total: int):
+        self.bar = tqdm(total=total, desc="tune trials", leave=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.bar.update(1)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.bar.update(1)
+
+
+def search(p: Params, job: TrainJob, val_set: ImageSet, start: dict) -> list[tuple[TuneTrial, dict]]:
+    """Tune LoRA rank, alpha (as a ratio of r) and lr with ASHA; `start` is trial 0. Returns (trial, curves) each."""
+    t = p.tune
+    space = {
+        "r": tune.choice(t.ranks),
+        "alpha_ratio": tune.choice(t.alpha_ratios),
+        "lr": tune.loguniform(t.lr_min, t.lr_max),
+    }
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer console prints its experiment table even at verbose=0
+    trainable = tune.with_parameters(_trial, job=job, val_set=val_set, val_images=t.val_images, use_gpu=p.ray.use_gpu)
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"cpu": 1, "gpu": 1 if p.ray.use_gpu else 0}),
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric="val_loss",
+            mode="min",
+            num_samples=t.num_samples,
+            # the concurrency limit belongs to the search generator: Tune ignores max_concurrent_trials for one
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=[start], random_state=p.seed, max_concurrent=t.max_concurrent
+            ),
+            scheduler=ASHAScheduler(
+                time_attr="step",
+                max_t=job.train.steps,
+                grace_period=t.grace_period,
+                reduction_factor=t.reduction_factor,
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name=f"tune-{run_name(job)}",
+            storage_path=paths.ray_storage(p.ray.storage_path),
+            verbose=0,
+            callbacks=[_TrialBar(t.num_samples)],
+        ),
+    )
+    found = []
+    for i, result in enumerate(tuner.fit()):
+        if result.error:
+            raise RuntimeError(f"trial {i} failed: {result.error}")
+        df, c = result.metrics_dataframe, result.config
+        trial = TuneTrial(
+            i, c["r"], c["alpha_ratio"] * c["r"], c["lr"], float(df["val_loss"].min()), int(df["step"].max())
+        )
+        curves = {k: list(zip(df["step"], df[k], strict=True)) for k in ("val_loss", "train_loss")}
+        found.append((trial, curves))
+    return found

@@ -1,0 +1,43 @@
+"""The quality goals of a run, checked against its result records."""
+
+from __future__ import annotations
+
+from cdiff.results import BaseEvaluation, DomainEvaluation, FullFinetuneResult, Goal
+
+
+def base_goals(e: BaseEvaluation) -> list[Goal]:
+    """The base model on its own dataset."""
+    return [
+        _goal(
+            "GAN-test accuracy >= 80% of the judge's real test accuracy",
+            e.base.gan_test,
+            0.8 * e.judge_test_accuracy,
+            e.base.gan_test >= 0.8 * e.judge_test_accuracy,
+        ),
+        _goal("FID within 10x of the real-vs-real floor", e.base.fid, 10 * e.floor.fid, e.base.fid <= 10 * e.floor.fid),
+    ]
+
+
+def domain_goals(e: DomainEvaluation, full: FullFinetuneResult | None) -> list[Goal]:
+    """A domain adapter, against the base alone and (when there is one) the full fine-tune."""
+    goals = [
+        _goal("FID better than the base without adapter", e.adapter.fid, e.base.fid, e.adapter.fid < e.base.fid),
+        _goal("GAN-test accuracy >= 70%", e.adapter.gan_test, 0.7, e.adapter.gan_test >= 0.7),
+        _goal("trainable parameters <= 3% of the base", e.trainable_share, 0.03, e.trainable_share <= 0.03),
+    ]
+    if full is not None:
+        gap = e.base.fid - full.score.fid
+        share = (e.base.fid - e.adapter.fid) / gap if gap > 0 else None  # undefined if the full FT is no better
+        goals.append(
+            _goal(
+                "at least 50% of the way from the base's FID to the full fine-tune's",
+                share,
+                0.5,
+                share is not None and share >= 0.5,
+            )
+        )
+    return goals
+
+
+def _goal(name: str, value: float | None, target: float, met: bool) -> Goal:
+    return Goal(name, None if value is None else float(value), float(target), bool(met))

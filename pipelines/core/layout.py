@@ -1,0 +1,148 @@
+"""Every path of the pipeline, defined once: the files dvc.yaml's deps and outs name.
+
+tests/test_dvc_deps.py checks that dvc.yaml and this layout agree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    # ---- inputs and bookkeeping
+    @property
+    def params_file(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "dvc.lock"
+
+    @property
+    def images(self) -> Path:
+        """Where image-folder domains live (imagefolder:data/images/NAME): every prepare stage depends on it."""
+        return self.root / "data" / "images"
+
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "mlartifacts"
+
+    def show(self, path: Path) -> str:
+        """A path as the user reads it: relative to the repository root."""
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def ray_storage(self, storage_path: str) -> str:
+        """Ray's checkpoint store: an absolute local path, or a URI (s3://, gs://) as given."""
+        return storage_path if "://" in storage_path else str((self.root / storage_path).resolve())
+
+    # ---- data and models
+    def prepared(self, dataset: str) -> Path:
+        return self.root / "data" / "prepared" / dataset
+
+    @property
+    def base_model(self) -> Path:
+        return self.root / "models" / "base"
+
+    def judge(self, dataset: str) -> Path:
+        return self.root / "models" / "judge" / dataset
+
+    def full_model(self, domain: str) -> Path:
+        return self.root / "models" / "full" / domain
+
+    def adapter(self, domain: str) -> Path:
+        return self.root / "adapters" / domain
+
+    def tune_best(self, domain: str) -> Path:
+        return self.root / "tune" / domain / "best.json"
+
+    def tune_trials(self, domain: str) -> Path:
+        return self.root / "tune" / domain / "trials.json"
+
+    # ---- sample grids
+    @property
+    def base_grid(self) -> Path:
+        return self.root / "samples" / "base.png"
+
+    def domain_grid(self, domain: str, model: str) -> Path:
+        """model: 'base' (the base alone) or 'adapter' (base + adapter)."""
+        return self.root / "samples" / domain / f"{model}.png"
+
+    def full_grid(self, domain: str) -> Path:
+        return self.root / "samples" / f"full-{domain}.png"
+
+    # ---- MLflow run records: later stages log onto the run of the stage that made the model
+    @property
+    def pretrain_run(self) -> Path:
+        return self.root / "runs" / "pretrain.json"
+
+    def finetune_run(self, domain: str) -> Path:
+        return self.root / "runs" / f"finetune-{domain}.json"
+
+    # ---- metrics (headline numbers for `dvc metrics show`) and their per-class detail
+    @property
+    def pretrain_metrics(self) -> Path:
+        return self.root / "metrics" / "pretrain.json"
+
+    def judge_metrics(self, dataset: str) -> Path:
+        return self.root / "metrics" / f"judge-{dataset}.json"
+
+    @property
+    def base_metrics(self) -> Path:
+        return self.root / "metrics" / "base.json"
+
+    def domain_metrics(self, domain: str) -> Path:
+        return self.root / "metrics" / f"{domain}.json"
+
+    def full_metrics(self, domain: str) -> Path:
+        return self.root / "metrics" / f"full-{domain}.json"
+
+    def per_class(self, metrics_file: Path) -> Path:
+        """Per-class accuracy beside a metrics file, kept out of it so that `dvc metrics show` stays one table."""
+        return self.root / "metrics" / "per_class" / metrics_file.name
+
+    # ---- curves and sweeps for `dvc plots`
+    @property
+    def pretrain_curve(self) -> Path:
+        return self.root / "plots" / "pretrain_loss.csv"
+
+    def finetune_curve(self, domain: str) -> Path:
+        return self.root / "plots" / f"finetune-{domain}_loss.csv"
+
+    def full_curve(self, domain: str) -> Path:
+        return self.root / "plots" / f"full-{domain}_loss.csv"
+
+    def sweep(self, over: str) -> Path:
+        """over: 'guidance' or 'sampler'."""
+        return self.root / "plots" / f"sweep_{over}.csv"
+
+    # ---- reports
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    def report_page(self, name: str | None = None) -> Path:
+        """reports/report.md, or reports/NAME/report.md for 'base' and each domain."""
+        return self.reports / "report.md" if name is None else self.reports / name / "report.md"
+
+    @property
+    def summary(self) -> Path:
+        return self.reports / "summary.json"
+
+
+def make_parents(*paths: Path) -> None:
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+paths = Layout(ROOT)

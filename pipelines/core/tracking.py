@@ -1,0 +1,249 @@
+"""MLflow, and only here: stage runs, reopening an earlier stage's run, Tune trials as child runs,
+curves, result records, and the registry (register, alias, champion).
+
+Every client is built by `client()` with the tracking URI; a server that is down fails the stage in
+one line before anything trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from cdiff import results
+from cdiff.config import from_dict, to_dict
+from cdiff.errors import CdiffError
+from pipelines.core.config import Params
+from pipelines.core.layout import paths
+
+if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # database migrations and "creating experiment" are not news
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """runs/*.json: which MLflow run (and registered version) holds a stage's model."""
+
+    run_id: str
+    model_version: str
+    fingerprint: str = ""
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the repo's sqlite file as an absolute path (DVC temp workspaces share it)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri())
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that is down fails the stage here, in one line, before any training starts."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+            response.read()
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise CdiffError(
+            f"MLflow tracking server {uri} is unreachable ({reason}): start it, or unset MLFLOW_TRACKING_URI "
+            "to log to the local sqlite store"
+        ) from e
+
+
+def setup(p: Params) -> str:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small record read back
+    check_server(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri())
+    if "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_experiment_by_name(p.mlflow.experiment) is None:
+        # the embedded default keeps artifacts beside mlflow.db, whatever folder a stage runs in
+        mlflow.create_experiment(p.mlflow.experiment, artifact_location=paths.mlflow_artifacts.as_uri())
+    return mlflow.set_experiment(p.mlflow.experiment).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=paths.root, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = json.dumps(v) if isinstance(v, list) else str(v)
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(p: Params, stage: str, domain: str | None = None):
+    """A new MLflow run for one stage, with the params it ran with, versions and reproducibility tags; yields its id."""
+    setup(p)
+    tags = {
+        "git_commit": git_commit(),
+        "dvc_stage": os.environ.get("DVC_STAGE", stage),
+        "stage": stage,
+        "domain": domain or "",
+        "packages": json.dumps({n: version(n) for n in ("torch", "ray", "mlflow", "dvc")}),
+    }
+    with mlflow.start_run(run_name=f"{stage}-{domain}" if domain else stage, tags=tags) as run:
+        mlflow.log_params(flatten(to_dict(p)))
+        mlflow.log_artifact(str(paths.params_file))
+        if paths.lock_file.is_file():
+            mlflow.log_artifact(str(paths.lock_file))  # dvc.lock's input hashes as of this run
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def reopen(p: Params, record: Path):
+    """Log onto the run of an earlier stage, named by its run record (runs/*.json); yields the record."""
+    run = results.load(record, RunRecord, "MLflow run record")
+    setup(p)
+    with mlflow.start_run(run_id=run.run_id):
+        yield run
+
+
+def save_run_record(path: Path, run_id: str, model_version: str, fingerprint: str = "") -> None:
+    results.save(path, RunRecord(run_id, model_version, fingerprint))
+
+
+def log_params(values: dict) -> None:
+    mlflow.log_params(values)
+
+
+def log_result(record, prefix: str = "") -> None:
+    """A result record onto the active run: its numbers as metrics, itself as results/<Type>.json."""
+    mlflow.log_metrics(results.scalars(record, prefix))
+    mlflow.log_dict(to_dict(record), f"results/{prefix}{type(record).__name__}.json")
+
+
+def log_sweep(over: str, points: list[results.SweepPoint]) -> None:
+    for point in points:
+        mlflow.log_metrics(results.scalars(point, f"sweep_{over}.{point.setting}."))
+
+
+def log_files(path: Path, artifact_path: str) -> None:
+    """A file or a folder's files onto the active run."""
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    else:
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def load_result(run_id: str, cls: type[results.R]) -> results.R | None:
+    """A record logged by `log_result`, or None when the run has none (yet)."""
+    try:
+        raw = mlflow.artifacts.load_dict(f"runs:/{run_id}/results/{cls.__name__}.json")
+    except (mlflow.exceptions.MlflowException, OSError):
+        return None
+    return from_dict(cls, raw, f"run {run_id[:8]} results/{cls.__name__}.json")
+
+
+def stage_runs(p: Params, stage: str, domain: str | None = None) -> list[dict]:
+    """Every finished run of a stage (optionally one domain): run_id, domain and git commit of each."""
+    setup(p)
+    query = f"tags.stage = '{stage}'" + (f" and tags.domain = '{domain}'" if domain else "")
+    runs = client().search_runs([mlflow.get_experiment_by_name(p.mlflow.experiment).experiment_id], query)
+    return [
+        {"run_id": r.info.run_id, "domain": r.data.tags.get("domain", ""), "commit": r.data.tags.get("git_commit", "")}
+        for r in runs
+    ]
+
+
+def log_curve(run_id: str, name: str, points: list[tuple[int, float]], uri: str | None = None) -> None:
+    """Log (step, value) points as one metric's history, in batches MLflow accepts."""
+    mlflow_client = MlflowClient(uri) if uri else client()
+    batch = [Metric(name, float(v), 0, int(s)) for s, v in points]
+    for i in range(0, len(batch), 900):
+        mlflow_client.log_batch(run_id, metrics=batch[i : i + 900])
+
+
+def log_missing(run_id: str, name: str, points: list[tuple[int, float]]) -> int:
+    """Log the points whose steps the run's history lacks (after a resumed stage); returns how many."""
+    have = {m.step for m in client().get_metric_history(run_id, name)}
+    missing = [(s, v) for s, v in points if s not in have]
+    if missing:
+        log_curve(run_id, name, missing)
+    return len(missing)
+
+
+def log_trial(trial: results.TuneTrial, curves: dict[str, list[tuple[int, float]]], tags: dict[str, str]) -> None:
+    """One Tune trial as a child run of the active (tune) run: its config and its curves."""
+    parent = mlflow.active_run()
+    tags = {**tags, "git_commit": parent.data.tags.get("git_commit", "unknown")}
+    with mlflow.start_run(run_name=f"trial-{trial.trial}", nested=True, tags=tags) as child:
+        mlflow.log_params({"r": trial.r, "alpha": trial.alpha, "lr": trial.lr})
+        for name, points in curves.items():
+            log_curve(child.info.run_id, name, points)
+
+
+def register(name: str, run_id: str, artifact_path: str, tags: dict) -> str:
+    """Register the run's artifact folder as a new version of `name`; returns the version."""
+    mlflow_client = client()
+    try:
+        mlflow_client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        mlflow_client.create_registered_model(name)
+    source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    mv = mlflow_client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    return mv.version
+
+
+def set_base_alias(p: Params, fingerprint: str, alias: str = "adapters") -> None:
+    """Point the base model's alias at the registered version whose weights the adapters were trained on."""
+    mlflow_client, name = client(), p.mlflow.base_model_name
+    for mv in mlflow_client.search_model_versions(f"name = '{name}'"):
+        if mv.tags.get("fingerprint") == fingerprint:
+            mlflow_client.set_registered_model_alias(name, alias, mv.version)
+            return
+
+
+def set_champion(model_name: str, version: str, fid: float) -> str:
+    """Tag this version with its FID; move `champion` to the version of the domain with the lowest FID."""
+    mlflow_client = client()
+    mlflow_client.set_model_version_tag(model_name, version, "fid", f"{fid:.8f}")
+    scored = [
+        (float(mv.tags["fid"]), int(mv.version))
+        for mv in mlflow_client.search_model_versions(f"name = '{model_name}'")
+        if "fid" in mv.tags
+    ]
+    best = str(min(scored)[1])
+    mlflow_client.set_registered_model_alias(model_name, "champion", best)
+    return best
+
+
+def run_origin(p: Params, run_id: str, folder: Path) -> tuple[str, dict[str, Path]]:
+    """(git commit, {'params.yaml': path, 'dvc.lock': path}) of a run, its files downloaded into `folder`."""
+    setup(p)
+    try:
+        commit = client().get_run(run_id).data.tags.get("git_commit", "unknown")
+    except mlflow.exceptions.MlflowException as e:
+        raise CdiffError(f"no MLflow run {run_id} at {tracking_uri()}") from e
+    files = {}
+    for name in (paths.params_file.name, paths.lock_file.name):
+        try:
+            files[name] = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=folder))
+        except (mlflow.exceptions.MlflowException, OSError):
+            pass
+    return commit, files

@@ -1,0 +1,84 @@
+"""Result records: one JSON form, read back typed; NaN refused; the run summary `cdiff compare` reads."""
+
+import json
+import math
+
+import pytest
+
+from cdiff import results
+from cdiff.cli import main as cdiff_main
+from cdiff.errors import CdiffError
+from tests.test_report import domain_evaluation, full
+
+
+def run_summary(with_full: bool = False) -> results.RunSummary:
+    base = results.BaseSummary(
+        results.PretrainResult(0.2, 0.25, 700),
+        results.BaseEvaluation(results.Score(4.0, 0.85, 300), results.Score(60.0, 0.8, 300), 0.85, "ddim-50", 2.0),
+        [results.Goal("FID within 10x of the real-vs-real floor", 60.0, 40.0, False)],
+    )
+    goals = [results.Goal("GAN-test accuracy >= 70%", 0.75, 0.7, True), results.Goal("x", None, 0.5, False)]
+    domain = results.DomainSummary(domain_evaluation(), 3e-3, full(2.0) if with_full else None, goals)
+    return results.RunSummary("ddim-50, guidance 2, 30 samples per class", base, {"digits": domain})
+
+
+def test_records_round_trip_typed(tmp_path):
+    for record in (
+        run_summary(),
+        run_summary(with_full=True),
+        domain_evaluation(),
+        results.PerClass({"a": {"0": 1.0}}),
+    ):
+        results.save(tmp_path / "r.json", record)
+        assert results.load(tmp_path / "r.json", type(record)) == record
+
+
+def test_a_nan_result_is_not_written(tmp_path):
+    bad = results.PretrainResult(math.nan, 0.1, 3)
+    with pytest.raises(CdiffError, match="pretrain.json: a result is nan"):
+        results.save(tmp_path / "pretrain.json", bad)
+    assert not (tmp_path / "pretrain.json").exists()
+
+
+def test_an_outdated_or_foreign_record_is_one_line(tmp_path):
+    (tmp_path / "old.json").write_text(json.dumps({"fid_base": 3.0, "fid_adapter": 2.0}))
+    with pytest.raises(CdiffError, match="^old.json") as err:
+        results.load(tmp_path / "old.json", results.DomainEvaluation)
+    assert "\n" not in str(err.value)
+
+
+def test_scalars_are_dotted_numbers():
+    flat = results.scalars(domain_evaluation())
+    assert flat["adapter.fid"] == 4.0 and flat["floor.images"] == 40.0 and flat["r"] == 4.0
+    assert all(isinstance(v, float) for v in flat.values())
+
+
+def test_sweeps_and_curves_round_trip(tmp_path):
+    points = [results.SweepPoint("ddpm", results.Score(3.0, 0.9, 20), 12.5)]
+    results.save_sweep(tmp_path / "sweep.csv", "sampler", points)
+    assert (tmp_path / "sweep.csv").read_text().splitlines()[0] == "sampler,fid,gan_test,seconds,images"
+    assert results.load_sweep(tmp_path / "sweep.csv") == points
+    results.save_curve(tmp_path / "loss.csv", [(5, 0.5), (10, 0.25)])
+    assert results.load_curve(tmp_path / "loss.csv") == [(5, 0.5), (10, 0.25)]
+
+
+def test_cdiff_compare_prints_one_row_per_domain(tmp_path, capsys):
+    results.save(tmp_path / "summary.json", run_summary())
+    assert cdiff_main(["compare", str(tmp_path / "summary.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["domain", "fid_floor", "fid_base", "fid_adapter"]
+    assert lines[1].split()[0] == "digits" and lines[1].split()[-1] == "1/2"
+    assert cdiff_main(["compare", str(tmp_path / "summary.json"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows[0]["fid_full"] is None and rows[0]["fid_adapter"] == 4.0
+    results.save(tmp_path / "summary.json", run_summary(with_full=True))
+    assert cdiff_main(["compare", str(tmp_path / "summary.json"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["fid_full"] == 2.0
+
+
+def test_cdiff_compare_without_a_run_or_with_an_old_summary_is_one_line(tmp_path, capsys):
+    assert cdiff_main(["compare", str(tmp_path / "missing.json")]) == 2
+    (tmp_path / "old.json").write_text(json.dumps({"settings": "x", "domains": {"d": {"metrics": {}, "goals": []}}}))
+    assert cdiff_main(["compare", str(tmp_path / "old.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "dvc repro" in err[0] and err[1].startswith("cdiff: error: old.json")
