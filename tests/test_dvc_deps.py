@@ -33,12 +33,14 @@ def stages(root: Path) -> dict:
 
 
 def loaded_files(module: str) -> list[str]:
-    """The repository's files a fresh interpreter has loaded after importing `module`."""
+    """The repository's own files (not its .venv) a fresh interpreter has loaded after importing `module`."""
     code = f"""
 import json, sys, {module}
 root = {str(ROOT)!r}
+envs = tuple({{p + "/" for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}})  # a venv inside the clone is not code
 files = [m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
-print(json.dumps(sorted(f[len(root) + 1:] for f in files if f.startswith(root + "/"))))
+ours = [f for f in files if f.startswith(root + "/") and not f.startswith(envs) and "/site-packages/" not in f]
+print(json.dumps(sorted(f[len(root) + 1:] for f in ours)))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
