@@ -47,12 +47,21 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     p_uncond: float = 0.1  # share of training labels replaced by the null prompt, for guidance
+    prediction: str = "eps"  # what the network outputs: eps | v | x0 (saved with the model; older models: eps)
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5; 0: plain MSE
 
     def validate(self, key: str = "diffusion") -> None:
         _check(self.timesteps >= 2, f"{key}.timesteps", "must be at least 2")
         _check(self.beta_schedule in ("linear", "cosine"), f"{key}.beta_schedule", "must be linear or cosine")
         _check(0 < self.beta_start < self.beta_end < 1, f"{key}.beta_start", "need 0 < beta_start < beta_end < 1")
         _check(0 <= self.p_uncond < 1, f"{key}.p_uncond", "must be in [0, 1)")
+        _check(self.prediction in PREDICTIONS, f"{key}.prediction", f"must be one of {', '.join(PREDICTIONS)}")
+        _check(math.isfinite(self.min_snr_gamma) and self.min_snr_gamma >= 0, f"{key}.min_snr_gamma", "must be >= 0")
+
+
+PREDICTIONS = ("eps", "v", "x0")
+PRECISIONS = ("fp32", "bf16")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 
 
 @dataclass
@@ -66,6 +75,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     log_every: int = 50
+    precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: on a CPU without native bf16 it is far slower)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model (falls back to eager if compiling fails); GPUs, long runs
 
     def validate(self, key: str) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
@@ -75,6 +87,7 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, f"{key}.warmup_steps", "must be >= 0")
         _check(self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0 (0 turns clipping off)")
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", "must be in [0, 1)")
+        _check(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -153,15 +166,20 @@ class TuneConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # ddpm | ddim
-    steps: int = 50
-    eta: float = 0.0
+    sampler: str = "ddim"  # ddpm | ddim | dpm++2m
+    steps: int = 50  # model calls for ddim and dpm++2m (ddpm takes all T)
+    eta: float = 0.0  # ddim only
     guidance_scale: float = 2.0
     per_class: int = 8
+    batch_size: int = 250  # images per sampling batch (thousands fill a GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the network; the sampler's update stays fp32)
+    compile: bool = False  # torch.compile the network for sampling (falls back to eager if compiling fails)
 
     def validate(self, key: str = "sample") -> None:
-        _check(self.sampler in ("ddpm", "ddim"), f"{key}.sampler", "must be ddpm or ddim")
+        _check(self.sampler in SAMPLERS, f"{key}.sampler", f"must be one of {', '.join(SAMPLERS)}")
         _check(self.steps >= 1, f"{key}.steps", "must be at least 1")
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be at least 1")
+        _check(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {', '.join(PRECISIONS)}")
         _check(self.eta >= 0, f"{key}.eta", "must be >= 0")
         _check(math.isfinite(self.guidance_scale) and self.guidance_scale >= 0, f"{key}.guidance_scale", ">= 0")
         _check(self.per_class >= 1, f"{key}.per_class", "must be at least 1")
@@ -202,13 +220,13 @@ class EvaluateConfig:
 
 
 def parse_sampler(spec: str, key: str = "sampler") -> tuple[str, int | None]:
-    """'ddpm' -> ('ddpm', None) (all T steps); 'ddim-50' -> ('ddim', 50)."""
+    """'ddpm' -> ('ddpm', None) (all T steps); 'ddim-50' -> ('ddim', 50); 'dpm++2m-20' -> ('dpm++2m', 20)."""
     name, _, steps = spec.partition("-")
     if name == "ddpm" and not steps:
         return "ddpm", None
-    if name == "ddim" and steps.isdigit() and int(steps) >= 1:
-        return "ddim", int(steps)
-    raise CdiffError(f"{key}: unknown sampler {spec!r}: use ddpm or ddim-N (e.g. ddim-50)")
+    if name in ("ddim", "dpm++2m") and steps.isdigit() and int(steps) >= 1:
+        return name, int(steps)
+    raise CdiffError(f"{key}: unknown sampler {spec!r}: use ddpm, ddim-N or dpm++2m-N (e.g. dpm++2m-20)")
 
 
 @dataclass
