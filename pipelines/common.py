@@ -37,8 +37,8 @@ def dataset_name(p: Params, name: str) -> str:
 
 
 def sampler_spec(p: Params) -> str:
-    """The pipeline's sampling settings as one spec: 'ddpm' or 'ddim-N'."""
-    return "ddpm" if p.sample.sampler == "ddpm" else f"ddim-{p.sample.steps}"
+    """The pipeline's sampling settings as one spec: 'ddpm', 'ddim-N' or 'dpm++2m-N'."""
+    return "ddpm" if p.sample.sampler == "ddpm" else f"{p.sample.sampler}-{p.sample.steps}"
 
 
 def params() -> Params:

@@ -42,6 +42,9 @@ class Scorer:
             guidance_scale=s.guidance_scale if guidance is None else guidance,
             eta=s.eta,
             seed=self.p.seed,
+            batch_size=s.batch_size,
+            precision=s.precision,
+            compile=s.compile,
         )
         seconds = time.perf_counter() - start
         scores = judge_images(self.judge, images, labels, self.class_names, self.reference)
