@@ -75,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--n", type=_positive_int, default=8, help="images per class (default 8)")
     s.add_argument(
-        "--sampler", choices=["ddpm", "ddim"], default="ddim", help="ddpm: all T steps; ddim: --steps steps (default)"
+        "--sampler",
+        choices=["ddpm", "ddim", "dpm++2m"],
+        default="ddim",
+        help="ddpm: all T steps; ddim (default) or dpm++2m (DPM-Solver++(2M)): --steps model calls",
     )
-    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50; ignored by ddpm)")
+    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM/DPM++ steps (default 50; ignored by ddpm)")
     s.add_argument("--eta", type=_guidance, default=0.0, help="DDIM noise: 0 deterministic (default), 1 DDPM-like")
     s.add_argument(
         "--guidance",
