@@ -22,9 +22,9 @@ def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidanc
     if guidance_scale == 1.0:
         return model(x, t, y)
     null = torch.full_like(y, model.prompt.null_id)
-    eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # one batch for both
-    eps_cond, eps_uncond = eps.chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # one batch for both
+    out_cond, out_uncond = out.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
 
 
 def guided_start_and_noise(model, schedule: NoiseSchedule, x, t, y, guidance_scale: float, clip: bool):

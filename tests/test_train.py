@@ -146,3 +146,13 @@ def test_channels_last_training_matches_the_default_layout(schedule):
     # other conv kernels round differently, and Adam turns a tiny gradient's sign into a full lr step:
     # the weights agree to within what 3 steps can move them (each at most about lr)
     assert all(torch.allclose(weights[0][k], weights[1][k], atol=3 * cfg.lr) for k in weights[0])
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_a_tenth():
+    from cdiff.train import learning_rate
+
+    cfg = TrainConfig(steps=1100, lr=1.0, warmup_steps=100)
+    assert learning_rate(cfg, 0) == pytest.approx(0.01) and learning_rate(cfg, 99) == pytest.approx(1.0)
+    assert learning_rate(cfg, 100) == pytest.approx(1.0)  # the cosine starts at the top
+    assert learning_rate(cfg, 600) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi / 2) = 0
+    assert learning_rate(cfg, 1100) == pytest.approx(0.1) and learning_rate(cfg, 5000) == pytest.approx(0.1)
