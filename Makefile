@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup data repro test lint clean
+.PHONY: setup data repro repro-gpu test lint clean
 
 $(BIN)/cdiff: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ data:
 
 repro: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The GPU profile: params-gpu.yaml's values over params.yaml (dvc exp run -S ...), then the whole pipeline.
+repro-gpu: setup
+	eval "PATH=\"$(CURDIR)/$(BIN):$$PATH\" $(BIN)/dvc exp run $$($(BIN)/python -m pipelines.core.overlay params-gpu.yaml)"
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -91,9 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--n", type=_bounded(int, 1, 256), default=8, help="images per class, at most 256 (default 8)")
     s.add_argument(
-        "--sampler", choices=list(KINDS), default="ddim", help="ddpm: all T steps; ddim: --steps steps (default)"
+        "--sampler",
+        choices=list(KINDS),
+        default="ddim",
+        help="ddpm: all T steps; ddim (default) or dpm++2m (DPM-Solver++(2M)): --steps model calls",
     )
-    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps (default 50; ignored by ddpm)")
+    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM/DPM++ steps (default 50; ignored by ddpm)")
     s.add_argument(
         "--eta",
         type=_bounded(float, 0, 1),
@@ -169,8 +172,11 @@ def cmd_compare(args) -> None:
             "fid_floor": d.evaluation.floor.fid,
             "fid_base": d.evaluation.base.fid,
             "fid_adapter": d.evaluation.adapter.fid,
+            "fid_adapter_95": d.evaluation.adapter.fid_interval,
             "fid_full": d.full.score.fid if d.full else None,
+            "fid_full_95": d.full.score.fid_interval if d.full else None,
             "gan_test": d.evaluation.adapter.gan_test,
+            "gan_test_95": d.evaluation.adapter.gan_test_interval,
             "judge_acc": d.evaluation.judge_test_accuracy,
             "r": d.evaluation.r,
             "alpha": d.evaluation.alpha,
@@ -188,12 +194,14 @@ def cmd_compare(args) -> None:
     _say("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
     for c in cells:
         _say("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)))
-    _say(f"({run.settings}; FID: lower is better, in the judge's feature space)")
+    _say(f"({run.settings}; FID: lower is better, in the judge's feature space; _95: seeded bootstrap 95% interval)")
 
 
 def _cell(v) -> str:
     if v is None:
         return "-"
+    if isinstance(v, list):
+        return "[" + ", ".join(_cell(x) for x in v) + "]"
     return f"{v:.4g}" if isinstance(v, float) else " ".join(str(v).split())
 
 
@@ -296,27 +304,32 @@ def main(argv: list[str] | None = None) -> int:
     except CdiffError as e:
         if debug:
             raise
-        _close_progress_bars()
-        print(f"cdiff: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
+        _last_line(f"cdiff: error: {' '.join(str(e).splitlines())}")
         return 2
     except Interrupted as e:
-        _close_progress_bars()
-        print(f"cdiff: interrupted ({e}): nothing half-written was left behind", file=sys.stderr)
+        _last_line(f"cdiff: interrupted ({e}): nothing half-written was left behind", mid_work=True)
         return 128 + e.signum
     except KeyboardInterrupt:
-        _close_progress_bars()
-        print("cdiff: interrupted", file=sys.stderr)
+        _last_line("cdiff: interrupted", mid_work=True)
         return 130
     return 0
 
 
-def _close_progress_bars() -> None:
-    """A command stopped mid-way: clear its progress bars first, so that its message is a line of its own."""
+def _last_line(message: str, mid_work: bool = False) -> None:
+    """A command stopped: close its progress bars, then print its message as a line of its own.
+
+    A bar that a signal cut mid-draw may have left the cursor after its text: then (`mid_work`, or a bar still
+    open) the message starts with a carriage return (and, on a terminal, clears that line), so that what the
+    user sees is the message alone.
+    """
     from tqdm import tqdm
 
-    for bar in list(getattr(tqdm, "_instances", ())):
+    bars = list(getattr(tqdm, "_instances", ()))
+    for bar in bars:
         with contextlib.suppress(Exception):  # a bar interrupted while it was being drawn: never a traceback
             bar.close()
+    clear = ("\r\033[K" if sys.stderr.isatty() else "\r") if bars or mid_work else ""
+    print(clear + message, file=sys.stderr)
 
 
 if __name__ == "__main__":

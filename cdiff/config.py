@@ -62,12 +62,20 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     p_uncond: float = 0.1  # share of training labels replaced by the null prompt, for guidance
+    prediction: str = "eps"  # what the network outputs: eps | v | x0 (saved with the model; older models: eps)
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR-gamma loss weights (Hang et al. 2023), e.g. 5; 0: plain MSE
 
     def validate(self, key: str = "diffusion") -> None:
         _range(self.timesteps, 2, 100_000, f"{key}.timesteps")
         _check(self.beta_schedule in ("linear", "cosine"), f"{key}.beta_schedule", "must be linear or cosine")
         _check(0 < self.beta_start < self.beta_end < 1, f"{key}.beta_start", "need 0 < beta_start < beta_end < 1")
         _check(0 <= self.p_uncond < 1, f"{key}.p_uncond", "must be in [0, 1)")
+        _check(self.prediction in PREDICTIONS, f"{key}.prediction", f"must be one of {', '.join(PREDICTIONS)}")
+        _check(math.isfinite(self.min_snr_gamma) and self.min_snr_gamma >= 0, f"{key}.min_snr_gamma", "must be >= 0")
+
+
+PREDICTIONS = ("eps", "v", "x0")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -81,6 +89,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     checkpoint_every: int = 500
     log_every: int = 50
+    precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: on a CPU without native bf16 it is far slower)
+    channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
+    compile: bool = False  # torch.compile the model (falls back to eager if compiling fails); GPUs, long runs
 
     def validate(self, key: str) -> None:
         for name in ("steps", "checkpoint_every", "log_every"):
@@ -91,6 +102,7 @@ class TrainConfig:
         _range(self.warmup_steps, 0, 10**8, f"{key}.warmup_steps")
         _check(0 <= self.grad_clip <= 1e6, f"{key}.grad_clip", "must be in [0, 1e6] (0 turns clipping off)")
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", "must be in [0, 1)")
+        _check(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {', '.join(PRECISIONS)}")
 
 
 @dataclass
@@ -147,15 +159,20 @@ class DataConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # a kind of cdiff.samplers.KINDS: ddpm | ddim
-    steps: int = 50
-    eta: float = 0.0
+    sampler: str = "ddim"  # a kind of cdiff.samplers.KINDS: ddpm | ddim | dpm++2m
+    steps: int = 50  # model calls for ddim and dpm++2m (ddpm takes all T)
+    eta: float = 0.0  # ddim only
     guidance_scale: float = 2.0
     per_class: int = 8
+    batch_size: int = 250  # images per sampling batch (thousands fill a GPU)
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the network; the sampler's update stays fp32)
+    compile: bool = False  # torch.compile the network for sampling (falls back to eager if compiling fails)
 
     def validate(self, key: str = "sample") -> None:
         # sampler, steps, eta and guidance_scale are checked by cdiff.samplers.Sampler.from_config, beside the kinds
         _range(self.per_class, 1, 1024, f"{key}.per_class")
+        _range(self.batch_size, 1, 1_000_000, f"{key}.batch_size")
+        _check(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {', '.join(PRECISIONS)}")
 
 
 @dataclass

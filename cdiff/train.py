@@ -20,6 +20,7 @@ from cdiff.config import TrainConfig
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
 from cdiff.io import check_finite
+from cdiff.performance import autocast, make_optimizer, maybe_compile, to_memory_format
 from cdiff.schedule import NoiseSchedule, diffusion_loss
 
 
@@ -33,9 +34,10 @@ class EMA:
     @torch.no_grad()
     def update(self, model, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))  # warm-up: early averages follow the model
-        for n, p in model.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach(), 1 - decay)
+        params = dict(model.named_parameters())
+        names = list(self.shadow)
+        # one fused kernel per group of tensors, not one launch per parameter
+        torch._foreach_lerp_([self.shadow[n] for n in names], [params[n].detach() for n in names], 1 - decay)
 
     def copy_to(self, model) -> None:
         apply_ema(model, self.shadow)
@@ -89,7 +91,7 @@ def new_state(model, cfg: TrainConfig, resume: dict | None = None) -> TrainState
     params = [p for p in core.parameters() if p.requires_grad]
     if not params:
         raise CdiffError("nothing to train: every parameter is frozen")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, cfg.lr, cfg.weight_decay)
     state = TrainState(0, EMA(core, cfg.ema_decay), optimizer, [])
     if resume is not None:
         core.load_state_dict(resume["model"])
@@ -123,23 +125,30 @@ def train(
     if cfg.batch_size % world_size:
         raise CdiffError(f"batch_size {cfg.batch_size} must be divisible by the number of workers {world_size}")
     core = getattr(model, "module", model)
+    if cfg.channels_last:
+        to_memory_format(model, True)
     state = state or new_state(model, cfg)
     plan = BatchPlan(len(data), cfg.batch_size, seed)
-    images = data.as_float()
+    images, labels = data.as_float().to(device), data.labels.to(device)  # the data lives on the device
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    network = maybe_compile(model, cfg.compile)
     model.train()
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank != 0, leave=False)
     while state.step < cfg.steps:
         step = state.step
         torch.manual_seed(derive_seed(seed, step * 1_009 + rank))  # dropout masks: a function of (seed, step, rank)
         mine = slice(rank, None, world_size)  # this worker's share of the global batch
-        index = plan.global_batch(step)[mine]
-        t, noise, u = (v[mine] for v in step_noise(step, seed, cfg.batch_size, images.shape[1:], schedule.timesteps))
-        x0, y = images[index].to(device), data.labels[index].to(device)
+        index = plan.global_batch(step)[mine].to(device, non_blocking=True)
+        t, noise, u = (
+            v[mine].to(device, non_blocking=True)  # drawn on the CPU: the same numbers on any device
+            for v in step_noise(step, seed, cfg.batch_size, images.shape[1:], schedule.timesteps)
+        )
+        x0, y = images[index], labels[index]
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
-        loss = diffusion_loss(
-            model, schedule, x0, y, t.to(device), noise.to(device), u.to(device), p_uncond, core.prompt.null_id
-        )
+        with autocast(device, cfg.precision):
+            loss = diffusion_loss(network, schedule, x0, y, t, noise, u, p_uncond, core.prompt.null_id)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainable = [p for p in core.parameters() if p.requires_grad]
@@ -149,7 +158,7 @@ def train(
         state.ema.update(core, step)
         state.step += 1
         bar.update(1)
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+        if state.step % cfg.log_every == 0 or state.step == cfg.steps:  # the only host sync of a step
             value = loss.detach()
             if world_size > 1 and dist.is_initialized():
                 dist.all_reduce(value)
@@ -163,6 +172,8 @@ def train(
     bar.close()
     state.ema.copy_to(core)
     check_finite(dict(core.named_parameters()), f"training ended at step {state.step} with broken weights")
+    if cfg.channels_last:
+        to_memory_format(model, False)  # saved weights are contiguous (safetensors needs that)
     return state
 
 
@@ -180,7 +191,11 @@ def _stop_if_diverged(step: int, loss: torch.Tensor, grad_norm: torch.Tensor) ->
 def validation_loss(
     model, schedule: NoiseSchedule, data: ImageSet, n: int = 512, seed: int = 0, batch_size: int = 256, device="cpu"
 ) -> float:
-    """A deterministic epsilon loss on held-out images: fixed images, evenly spaced t and fixed noise."""
+    """A deterministic epsilon loss on held-out images: fixed images, evenly spaced t and fixed noise.
+
+    Whatever the model predicts (eps, v, x0), its output is turned into eps first, so the numbers
+    compare across prediction types and loss weightings.
+    """
     was_training = model.training
     model.eval()
     n = min(n, len(data))
@@ -192,7 +207,8 @@ def validation_loss(
     for i in range(0, n, batch_size):
         sl = slice(i, i + batch_size)
         x_t = schedule.q_sample(images[sl], t[sl], noise[sl]).to(device)
-        eps = model(x_t, t[sl].to(device), labels[sl].to(device))
+        t_dev = t[sl].to(device)
+        _, eps = schedule.predict_start_and_noise(x_t, t_dev, model(x_t, t_dev, labels[sl].to(device)))
         total += torch.nn.functional.mse_loss(eps.cpu(), noise[sl], reduction="sum").item()
     model.train(was_training)
     return total / noise.numel()

@@ -1,7 +1,8 @@
 """Compare every domain's adapters from MLflow: `python -m pipelines.compare [--domain D]`.
 
 One row per finetune run (rank, alpha, lr, trainable parameters, losses, judge FID and GAN-test
-accuracy), read from the result records logged on each run, lowest FID first within each domain.
+accuracy, each with its seeded bootstrap 95% interval), read from the result records logged on each run,
+lowest FID first within each domain: two adapters whose intervals overlap are a tie.
 The MLflow UI's compare view shows the same runs side by side.
 """
 
@@ -29,7 +30,9 @@ def row(run: dict, ft: FinetuneResult | None, ev: DomainEvaluation | None) -> di
         "test_loss_adapter": ev.test_loss_adapter if ev else None,
         "fid_base": ev.base.fid if ev else None,
         "fid_adapter": ev.adapter.fid if ev else None,
+        "fid_adapter_95": ev.adapter.fid_interval if ev else None,
         "gan_test": ev.adapter.gan_test if ev else None,
+        "gan_test_95": ev.adapter.gan_test_interval if ev else None,
         "commit": run["commit"][:8],
         "run_id": run["run_id"],
     }

@@ -24,7 +24,7 @@ def main(name: str) -> None:
     p = params()
     train_set, test_set = (load_imageset(paths.prepared(name), split) for split in ("train", "test"))
     judge = results.load(paths.judge_metrics(name), results.JudgeResult)
-    scorer = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed)
+    scorer = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample)
     model, schedule, _ = load_model(paths.base_model)
     base_params = sum(t.numel() for t in model.parameters())
     loss_base = validation_loss(model, schedule, test_set, p.evaluate.val_images, seed=p.seed)
@@ -56,12 +56,12 @@ def main(name: str) -> None:
     with tracking.reopen(p, paths.finetune_run(name)) as run:
         tracking.log_result(evaluation)
         tracking.log_result(per_class)
-    champion = tracking.set_champion(p.mlflow.adapter_model_prefix + name, run.model_version, adapter.score.fid)
-    fid = f"FID base {base.score.fid:.2f} -> adapter {adapter.score.fid:.2f} (floor {floor.score.fid:.2f})"
+    champion, why = tracking.set_champion(p.mlflow.adapter_model_prefix + name, run.model_version, adapter.score)
+    fid = f"FID base {base.score.shown('fid')} -> adapter {adapter.score.shown('fid')} (floor {floor.score.fid:.2f})"
     accuracy = f"GAN-test {base.score.gan_test:.3f} -> {adapter.score.gan_test:.3f}"
-    summary(
-        f"adapter v{run.model_version} scored", f"{fid}, {accuracy}", f"{paths.show(metrics)}; champion v{champion}"
-    )
+    verdict = {"first": "champion", "better": "new champion", "tie": f"a tie with champion v{champion}, kept"}
+    verdict["worse"] = f"worse than champion v{champion}, kept"
+    summary(f"adapter v{run.model_version} scored", f"{fid}, {accuracy}", f"{paths.show(metrics)}; {verdict[why]}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ def main() -> None:
     e, dataset = p.evaluate, p.data.base.name
     train_set, test_set = (load_imageset(paths.prepared(dataset), split) for split in ("train", "test"))
     judge = results.load(paths.judge_metrics(dataset), results.JudgeResult)
-    scorer = Scorer(paths.judge(dataset), test_set, e.fid_per_class, p.seed)
+    scorer = Scorer(paths.judge(dataset), test_set, e.fid_per_class, p.seed, p.sample)
     model, schedule, _ = load_model(paths.base_model)
     floor, base = scorer.floor(train_set), scorer.model(model, schedule, p.sampler)
     swept: dict[Sampler, Judged] = {}

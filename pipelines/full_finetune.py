@@ -34,7 +34,9 @@ def main(name: str) -> None:
             model, curve = distributed.fit(p, job, mlflow_run_id=run_id)
         extra = {"base_fingerprint": base_config["fingerprint"]}
         save_model(model, p.diffusion, paths.full_model(name), extra=extra, overwrite=True)
-        judged = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed).model(model, schedule, p.sampler)
+        judged = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample).model(
+            model, schedule, p.sampler
+        )
         result = results.FullFinetuneResult(
             judged.score,
             validation_loss(model, schedule, test_set, p.evaluate.val_images, seed=p.seed),

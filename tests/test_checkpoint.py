@@ -1,3 +1,4 @@
+import json
 import pickle
 
 import pytest
@@ -15,6 +16,19 @@ def test_model_folder_round_trip(tiny_model, tmp_path):
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(v, model.state_dict()[k])
     assert describe(tmp_path / "m")["kind"] == "model"
+
+
+def test_model_folder_keeps_the_prediction_type_and_older_folders_load_as_eps(tiny_model, tmp_path):
+    save_model(tiny_model, DiffusionConfig(timesteps=50, prediction="v", min_snr_gamma=5.0), tmp_path / "v")
+    _, schedule, _ = load_model(tmp_path / "v")
+    assert schedule.prediction == "v" and schedule.config.min_snr_gamma == 5.0
+    save_model(tiny_model, DiffusionConfig(timesteps=50), tmp_path / "old")
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("prediction", "min_snr_gamma"):  # a model folder written before these fields existed
+        del config["diffusion"][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    _, schedule, _ = load_model(tmp_path / "old")
+    assert schedule.prediction == "eps" and schedule.config.min_snr_gamma == 0.0
 
 
 class _Boom:

@@ -77,6 +77,12 @@ def test_sample_with_adapter_and_ddpm(model_dir):
     assert main(args) == 0 and out.is_file()
 
 
+def test_sample_with_dpm_solver(model_dir):
+    out = model_dir / "dpm.png"
+    args = ["sample", str(model_dir / "model"), "--n", "1", "--sampler", "dpm++2m", "--steps", "4", "-o", str(out)]
+    assert main(args) == 0 and out.is_file()
+
+
 def test_info_and_merge(model_dir, capsys):
     assert main(["info", str(model_dir / "adapter")]) == 0
     info = json.loads(capsys.readouterr().out)

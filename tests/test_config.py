@@ -5,6 +5,7 @@ import yaml
 
 from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig, load_sections
 from cdiff.errors import CdiffError
+from cdiff.samplers import Sampler
 from pipelines.core.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +39,13 @@ def test_default_params_load():
         (lambda r: r["evaluate"].update(full_finetune=["cifar"]), "evaluate.full_finetune"),
         (lambda r: r["data"]["domains"].update(base=r["data"]["domains"]["digits"]), "data.domains.base"),
         (lambda r: r["judge"].update(features=0), "judge.features"),
+        (lambda r: r["diffusion"].update(prediction="score"), "diffusion.prediction"),
+        (lambda r: r["diffusion"].update(min_snr_gamma=-1.0), "diffusion.min_snr_gamma"),
+        (lambda r: r["train"]["base"].update(precision="fp16"), "train.base.precision"),
+        (lambda r: r["train"]["lora"].update(compile="yes"), "train.lora.compile"),
         (lambda r: r["sample"].update(sampler="euler"), "sample.sampler"),
-        (lambda r: r["data"]["domains"]["digits"].update(source="imagefolder:/tmp/pets"), "data.domains.digits.source"),
+        (lambda r: r["sample"].update(precision="half"), "sample.precision"),
+        (lambda r: r["evaluate"].update(sampler_sweep=["dpm++2m"]), "evaluate.sampler_sweep"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, edit, key):
@@ -150,3 +156,17 @@ def test_library_sections_load_without_the_pipeline_sections(tmp_path):
         load_sections(_write(tmp_path, lambda r: r["train"]["base"].update(lr=-1.0)), {"train.base": TrainConfig})
     with pytest.raises(CdiffError, match="^judge.missing: missing from"):
         load_sections(path, {"judge.missing": TrainConfig})
+
+
+def test_new_sampler_and_recipe_values_load(tmp_path):
+    def edit(raw):
+        raw["diffusion"].update(prediction="v", min_snr_gamma=5.0)
+        raw["sample"].update(sampler="dpm++2m", steps=20, precision="bf16", compile=True, batch_size=1000)
+        raw["evaluate"].update(sampler_sweep=["ddpm", "ddim-20", "dpm++2m-10"])
+        raw["train"]["base"].update(precision="bf16", channels_last=True, compile=True)
+
+    p = load_params(_write(tmp_path, edit))
+    assert (p.diffusion.prediction, p.diffusion.min_snr_gamma, p.sample.sampler) == ("v", 5.0, "dpm++2m")
+    assert p.sampler == Sampler("dpm++2m", 20, 0.0, p.sample.guidance_scale)
+    assert p.train.base.precision == "bf16" and p.train.base.channels_last and p.train.base.compile
+    assert Sampler.parse("dpm++2m-20") == Sampler("dpm++2m", 20) and Sampler.parse("ddpm").steps is None

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from cdiff.config import DiffusionConfig
 from cdiff.errors import CdiffError
-from cdiff.samplers import Sampler, ddim_timesteps, guided_eps, sample
+from cdiff.samplers import Sampler, ddim_sample, ddim_timesteps, dpm_timesteps, dpmpp_2m_sample, guided_eps, sample
+from cdiff.schedule import NoiseSchedule
 
 
 def test_ddim_eta0_is_deterministic_for_a_seed(tiny_model, schedule):
@@ -72,24 +74,82 @@ def test_ddpm_and_ddim_differ_and_follow_the_setting(tiny_model, schedule):
 
 
 class _Oracle(torch.nn.Module):
-    """The exact eps-predictor for data that is one fixed image c: eps = (x_t - sqrt(abar) c) / sqrt(1 - abar)."""
+    """The exact predictor for data that is one fixed image c: eps = (x_t - sqrt(abar) c) / sqrt(1 - abar),
+    given as the schedule's prediction type (eps, v = alpha eps - sigma c, or x0 = c)."""
 
     def __init__(self, schedule, c):
         super().__init__()
-        self.abar, self.c = schedule.alphas_cumprod, c
+        self.abar, self.c, self.prediction = schedule.alphas_cumprod, c, schedule.prediction
         self.prompt = type("Prompt", (), {"null_id": 3})()
         self.config = type("Config", (), {"channels": 1, "image_size": 4})()
 
     def forward(self, x, t, y):
         a = self.abar[t].view(-1, 1, 1, 1)
-        return (x - a.sqrt() * self.c) / (1 - a).sqrt()
+        eps = (x - a.sqrt() * self.c) / (1 - a).sqrt()
+        return {"eps": eps, "v": a.sqrt() * eps - (1 - a).sqrt() * self.c, "x0": self.c.expand_as(x)}[self.prediction]
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_samplers_land_on_the_data_with_an_exact_model(schedule, sampler):
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
+def test_samplers_land_on_the_data_with_an_exact_model(sampler, prediction):
+    schedule = NoiseSchedule(DiffusionConfig(timesteps=50, prediction=prediction))
     c = torch.linspace(-0.9, 0.9, 16).view(1, 1, 4, 4)
     out = sample(_Oracle(schedule, c), schedule, [0, 1], Sampler.of(sampler, 10, guidance_scale=2.0), progress=False)
     assert torch.allclose(out, c.expand(2, -1, -1, -1), atol=1e-3)
+
+
+class _GaussianOracle(torch.nn.Module):
+    """The exact eps-predictor for data x0 ~ N(0, sd^2) per pixel: E[x0 | x_t] = alpha sd^2 / (abar sd^2 + 1 - abar) x_t."""
+
+    def __init__(self, schedule, sd):
+        super().__init__()
+        self.abar, self.sd = schedule.alphas_cumprod, sd
+        self.prompt = type("Prompt", (), {"null_id": 3})()
+
+    def forward(self, x, t, y):
+        a = self.abar[t].view(-1, 1, 1, 1)
+        x0 = a.sqrt() * self.sd**2 / (a * self.sd**2 + 1 - a) * x
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()
+
+
+def test_dpm_solver_is_second_order_on_the_probability_flow_ode():
+    """For Gaussian data the ODE keeps x_t / sqrt(abar_t sd^2 + 1 - abar_t) fixed: its end point is known exactly.
+
+    DDIM is the first-order solver of the same ODE; at equal model calls DPM++(2M) must be far closer.
+    """
+    schedule = NoiseSchedule(DiffusionConfig(timesteps=1000))
+    sd, shape, y = 0.3, (64, 1, 4, 4), torch.zeros(64, dtype=torch.long)
+    model = _GaussianOracle(schedule, sd)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    a_T = schedule.alphas_cumprod[-1]
+    exact = (sd * x_T / (a_T * sd**2 + 1 - a_T).sqrt()).clamp(-1, 1)
+
+    def error(sampler, steps):
+        out = sampler(model, schedule, y, shape, torch.Generator().manual_seed(0), steps, progress=False, clip=False)
+        return (out - exact).abs().mean().item()
+
+    for steps in (10, 20):
+        assert error(dpmpp_2m_sample, steps) < 0.2 * error(ddim_sample, steps), steps
+    assert error(dpmpp_2m_sample, 50) < 2e-3
+
+
+def test_dpm_timesteps_are_distinct_and_span_the_schedule():
+    schedule = NoiseSchedule(DiffusionConfig(timesteps=1000))
+    for steps in (1, 2, 10, 50, 1000):
+        ts = dpm_timesteps(schedule, steps)
+        assert len(ts) == steps and ts[0] == 999 and ts == sorted(set(ts), reverse=True), steps
+        assert steps == 1 or ts[-1] == 0
+    ten = dpm_timesteps(schedule, 10)
+    gaps = [a - b for a, b in zip(ten, ten[1:], strict=False)]
+    assert gaps[-1] < 10 < gaps[0] < max(gaps)  # even in lambda: dense near t = 0, sparse in the middle
+    with pytest.raises(CdiffError):
+        dpm_timesteps(schedule, 1001)
+
+
+def test_dpm_solver_is_seeded_and_in_range(tiny_model, schedule):
+    a = sample(tiny_model, schedule, [0, 1], Sampler("dpm++2m", 5, guidance_scale=2.0), seed=3, progress=False)
+    b = sample(tiny_model, schedule, [0, 1], Sampler("dpm++2m", 5, guidance_scale=2.0), seed=3, progress=False)
+    assert torch.equal(a, b) and a.shape == (2, 1, 12, 12) and a.abs().max() <= 1
 
 
 def test_ddpm_posterior_mean_without_clip_matches_the_eps_form(schedule):

@@ -1,3 +1,6 @@
+import dataclasses
+import math
+
 import pytest
 import torch
 
@@ -7,6 +10,7 @@ from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
 from cdiff.lora import inject_lora
 from cdiff.model import UNet
+from cdiff.schedule import NoiseSchedule
 from cdiff.train import new_state, train, validation_loss
 from tests.conftest import tiny_config
 
@@ -136,3 +140,49 @@ def test_a_non_finite_loss_stops_training_naming_the_step(schedule, grad_clip):
         )
     assert "\n" not in str(err.value) and checkpoints == [1, 2]
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step never reached the weights
+
+
+def test_v_prediction_with_min_snr_learns(schedule):
+    """The same overfit as above, predicting v with Min-SNR-5 weights: the (eps) validation loss falls too."""
+    v_schedule = NoiseSchedule(dataclasses.replace(schedule.config, prediction="v", min_snr_gamma=5.0))
+    torch.manual_seed(0)
+    model, data = UNet(tiny_config()), _toy_data()
+    before = validation_loss(model, v_schedule, data, n=64)
+    cfg = TrainConfig(steps=150, batch_size=32, lr=3e-3, warmup_steps=10, log_every=10, ema_decay=0.9)
+    train(model, v_schedule, data, cfg, seed=0, p_uncond=0.1, progress=False)
+    assert validation_loss(model, v_schedule, data, n=64) < 0.5 * before
+
+
+def test_bf16_autocast_steps_run_and_stay_finite(schedule):
+    torch.manual_seed(0)
+    model, data = UNet(tiny_config()), _toy_data()
+    cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=0, log_every=1, precision="bf16")
+    state = train(model, schedule, data, cfg, seed=0, p_uncond=0.1, progress=False)
+    assert len(state.losses) == 4 and all(math.isfinite(v) for _, v in state.losses)
+    assert all(torch.isfinite(p).all() and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_channels_last_training_matches_the_default_layout(schedule):
+    cfg = TrainConfig(steps=3, batch_size=8, warmup_steps=0, log_every=1)
+    losses, weights = [], []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = UNet(tiny_config())
+        run = dataclasses.replace(cfg, channels_last=channels_last)
+        losses.append([v for _, v in train(model, schedule, _toy_data(), run, seed=0, p_uncond=0.1).losses])
+        weights.append(model.state_dict())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert all(v.is_contiguous() for v in weights[1].values())  # saved as safetensors: contiguous
+    # other conv kernels round differently, and Adam turns a tiny gradient's sign into a full lr step:
+    # the weights agree to within what 3 steps can move them (each at most about lr)
+    assert all(torch.allclose(weights[0][k], weights[1][k], atol=3 * cfg.lr) for k in weights[0])
+
+
+def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_a_tenth():
+    from cdiff.train import learning_rate
+
+    cfg = TrainConfig(steps=1100, lr=1.0, warmup_steps=100)
+    assert learning_rate(cfg, 0) == pytest.approx(0.01) and learning_rate(cfg, 99) == pytest.approx(1.0)
+    assert learning_rate(cfg, 100) == pytest.approx(1.0)  # the cosine starts at the top
+    assert learning_rate(cfg, 600) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi / 2) = 0
+    assert learning_rate(cfg, 1100) == pytest.approx(0.1) and learning_rate(cfg, 5000) == pytest.approx(0.1)

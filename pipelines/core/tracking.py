@@ -219,18 +219,28 @@ def set_base_alias(p: Params, fingerprint: str, alias: str = "adapters") -> None
             return
 
 
-def set_champion(model_name: str, version: str, fid: float) -> str:
-    """Tag this version with its FID; move `champion` to the version of the domain with the lowest FID."""
+def set_champion(model_name: str, version: str, score: results.Score) -> tuple[str, str]:
+    """Tag this version with its FID and interval; move `champion` to it only if it beats the champion's FID
+    beyond both intervals. Returns (champion version, why: 'first', 'better', 'tie' or 'worse')."""
     mlflow_client = client()
-    mlflow_client.set_model_version_tag(model_name, version, "fid", f"{fid:.8f}")
-    scored = [
-        (float(mv.tags["fid"]), int(mv.version))
-        for mv in mlflow_client.search_model_versions(f"name = '{model_name}'")
-        if "fid" in mv.tags
-    ]
-    best = str(min(scored)[1])
-    mlflow_client.set_registered_model_alias(model_name, "champion", best)
-    return best
+    low, high = score.fid_interval or (score.fid, score.fid)
+    for key, value in (("fid", score.fid), ("fid_low", low), ("fid_high", high)):
+        mlflow_client.set_model_version_tag(model_name, version, key, f"{value:.8f}")
+    try:
+        current = mlflow_client.get_model_version_by_alias(model_name, "champion")
+    except mlflow.exceptions.MlflowException:
+        current = None
+    if current is None or current.version == str(version) or "fid" not in current.tags:
+        mlflow_client.set_registered_model_alias(model_name, "champion", str(version))
+        return str(version), "first"
+    tags = current.tags
+    fid = float(tags["fid"])
+    held = results.Score(fid, 0.0, 0, [float(tags.get("fid_low", fid)), float(tags.get("fid_high", fid))])
+    verdict = score.fid_beats(held)
+    if verdict:
+        mlflow_client.set_registered_model_alias(model_name, "champion", str(version))
+        return str(version), "better"
+    return current.version, "worse" if verdict is False else "tie"
 
 
 def run_origin(p: Params, run_id: str, folder: Path) -> tuple[str, dict[str, Path]]:

@@ -1,0 +1,92 @@
+"""Speed switches for training and sampling: bf16 autocast, channels_last, torch.compile, fused AdamW.
+
+All are off by default, as suits a CPU: bf16 on a CPU without native bf16 dot products is far slower
+than fp32, and compiling costs more time than short CPU runs save. On a GPU, turn them on in params
+(train.*.precision/channels_last/compile, sample.precision/compile).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+from torch import nn
+
+
+def autocast(device, precision: str):
+    """bf16 autocast on `device` for precision 'bf16'; a no-op context for 'fp32'."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def to_memory_format(model: nn.Module, channels_last: bool) -> nn.Module:
+    """Conv weights in NHWC (channels_last) or back in the default NCHW layout; in place, returns the model."""
+    return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def make_optimizer(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step when the parameters are on a CUDA device."""
+    fused = bool(params) and params[0].is_cuda
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+class CompiledOrEager:
+    """Calls torch.compile(module); if compiling fails on the first call, warns once and runs eager from then on.
+
+    A failure after the first call is a real error and is raised. The eager module stays reachable as
+    `.module`, so state dicts and attributes (prompt, config) are the model's own.
+    """
+
+    def __init__(self, module: nn.Module, **compile_kwargs):
+        self.module = module
+        self._compiled = torch.compile(module, **compile_kwargs)
+        self._checked = False
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            return self.module(*args, **kwargs)
+        if self._checked:
+            return self._compiled(*args, **kwargs)
+        try:
+            out = self._compiled(*args, **kwargs)
+        except Exception as e:  # inductor needs a C++ compiler on CPU, Triton on GPU: fall back, do not fail
+            message = f"torch.compile failed, running eager: {type(e).__name__}: {str(e).splitlines()[0]}"
+            warnings.warn(message, stacklevel=2)
+            self._compiled = None
+            return self.module(*args, **kwargs)
+        self._checked = True
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
+def maybe_compile(module: nn.Module, enabled: bool, **compile_kwargs):
+    """`module` itself, or a CompiledOrEager wrapper of it."""
+    return CompiledOrEager(module, **compile_kwargs) if enabled else module
+
+
+class InferenceModel(nn.Module):
+    """A network for sampling: its forward under autocast (output back in float32), compiled if asked.
+
+    Samplers only call model(x, t, y) and read model.prompt / model.config, which this forwards.
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "fp32", compile: bool = False):
+        super().__init__()
+        self.model, self.precision = model, precision
+        self._forward = maybe_compile(model, compile, dynamic=False)
+
+    @property
+    def prompt(self):
+        return self.model.prompt
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with autocast(x.device, self.precision):
+            return self._forward(x, t, y).float()
