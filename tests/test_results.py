@@ -82,3 +82,43 @@ def test_cdiff_compare_without_a_run_or_with_an_old_summary_is_one_line(tmp_path
     assert cdiff_main(["compare", str(tmp_path / "old.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "dvc repro" in err[0] and err[1].startswith("cdiff: error: old.json")
+
+
+def test_a_score_shows_its_intervals_and_compares_only_beyond_them():
+    a = results.Score(40.0, 0.8, 300, [35.0, 45.0], [0.75, 0.85])
+    assert a.shown("fid") == "40 [35, 45]" and a.shown("gan_test") == "80.0% [75.0%, 85.0%]"
+    assert results.Score(40.0, 0.8, 300).shown("fid") == "40"
+    better, tie = results.Score(30.0, 0.9, 300, [27.0, 34.0]), results.Score(38.0, 0.8, 300, [33.0, 44.0])
+    assert better.fid_beats(a) is True and a.fid_beats(better) is False
+    assert tie.fid_beats(a) is None and a.fid_beats(tie) is None  # overlapping intervals: a tie
+    assert results.scalars(a) == pytest.approx(
+        {
+            "fid": 40,
+            "gan_test": 0.8,
+            "images": 300,
+            "fid_low": 35,
+            "fid_high": 45,
+            "gan_test_low": 0.75,
+            "gan_test_high": 0.85,
+        }
+    )
+
+
+def test_champion_moves_only_to_an_adapter_better_beyond_the_interval(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.core import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    client.create_registered_model("cdiff-adapter-x")
+    versions = [str(client.create_model_version("cdiff-adapter-x", str(tmp_path / f"m{i}")).version) for i in range(4)]
+    scores = [(50.0, [45.0, 55.0]), (48.0, [44.0, 53.0]), (60.0, [57.0, 64.0]), (30.0, [27.0, 34.0])]
+    verdicts = [
+        tracking.set_champion("cdiff-adapter-x", v, results.Score(fid, 0.8, 300, ci))
+        for v, (fid, ci) in zip(versions, scores, strict=True)
+    ]
+    first, tie, worse, better = versions
+    assert verdicts == [(first, "first"), (first, "tie"), (first, "worse"), (better, "better")]
+    champion = client.get_model_version_by_alias("cdiff-adapter-x", "champion")
+    assert str(champion.version) == better

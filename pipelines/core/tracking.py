@@ -230,7 +230,7 @@ def set_champion(model_name: str, version: str, score: results.Score) -> tuple[s
         current = mlflow_client.get_model_version_by_alias(model_name, "champion")
     except mlflow.exceptions.MlflowException:
         current = None
-    if current is None or current.version == str(version) or "fid" not in current.tags:
+    if current is None or str(current.version) == str(version) or "fid" not in current.tags:
         mlflow_client.set_registered_model_alias(model_name, "champion", str(version))
         return str(version), "first"
     tags = current.tags
@@ -240,7 +240,7 @@ def set_champion(model_name: str, version: str, score: results.Score) -> tuple[s
     if verdict:
         mlflow_client.set_registered_model_alias(model_name, "champion", str(version))
         return str(version), "better"
-    return current.version, "worse" if verdict is False else "tie"
+    return str(current.version), "worse" if verdict is False else "tie"
 
 
 def run_origin(p: Params, run_id: str, folder: Path) -> tuple[str, dict[str, Path]]:
