@@ -9,6 +9,7 @@ compares each output hash in the new dvc.lock with the run's dvc.lock.
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import tempfile
@@ -21,6 +22,8 @@ from pipelines.core import tracking
 from pipelines.core.config import params
 from pipelines.core.console import stage
 from pipelines.core.layout import paths
+
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def lock_outputs(lock_file: Path) -> dict[str, str]:
@@ -57,13 +60,18 @@ def main() -> None:
         commit, files = tracking.run_origin(params(), args.run_id, Path(tmp))
         if commit == "unknown":
             raise CdiffError(f"run {args.run_id} has no git_commit tag: it was not made inside a git checkout")
+        if not COMMIT.fullmatch(commit):  # never an option such as --lock or -f handed to git
+            raise CdiffError(f"run {args.run_id}'s git_commit tag {commit[:60]!r} is not a full 40-hex commit id")
         if paths.params_file.name not in files:
             raise CdiffError(f"run {args.run_id} has no params.yaml artifact")
         git = subprocess.run(
-            ["git", "worktree", "add", "--detach", str(target), commit], cwd=paths.root, capture_output=True, text=True
+            ["git", "worktree", "add", "--detach", "--", str(target), commit],
+            cwd=paths.root,
+            capture_output=True,
+            text=True,
         )
         if git.returncode != 0:
-            raise CdiffError(f"git worktree add failed: {git.stderr.strip().splitlines()[-1]}")
+            raise CdiffError(f"git worktree add failed: {(git.stderr.strip().splitlines() or ['no message'])[-1]}")
         shutil.copyfile(files[paths.params_file.name], target / paths.params_file.name)
         logged = lock_outputs(files[paths.lock_file.name]) if paths.lock_file.name in files else {}
     command = ["dvc", "repro", *([args.stage] if args.stage else [])]

@@ -46,6 +46,13 @@ def test_default_params_load():
         (lambda r: r["sample"].update(sampler="euler"), "sample.sampler"),
         (lambda r: r["sample"].update(precision="half"), "sample.precision"),
         (lambda r: r["evaluate"].update(sampler_sweep=["dpm++2m"]), "evaluate.sampler_sweep"),
+        (lambda r: r["mlflow"].update(base_model_name="team/base"), "mlflow.base_model_name"),
+        (lambda r: r["mlflow"].update(experiment="it's"), "mlflow.experiment"),
+        (lambda r: r["mlflow"].update(adapter_model_prefix="a:"), "mlflow.adapter_model_prefix"),
+        (
+            lambda r: r["mlflow"].update(adapter_model_prefix="", base_model_name="digits"),
+            "mlflow.adapter_model_prefix",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, edit, key):

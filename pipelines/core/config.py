@@ -7,6 +7,7 @@ Ray, Tune, MLflow and evaluation settings are here. Built once per stage by `loa
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -91,8 +92,18 @@ class MlflowConfig:
     base_model_name: str = "cdiff-base"
     adapter_model_prefix: str = "cdiff-adapter-"
 
-    def validate(self, key: str = "mlflow") -> None:
-        _check(bool(self.experiment), f"{key}.experiment", "must not be empty")
+    def validate(self, key: str = "mlflow", domains: tuple[str, ...] = ()) -> None:
+        _check_mlflow_name(self.experiment, f"{key}.experiment")
+        _check_mlflow_name(self.base_model_name, f"{key}.base_model_name")
+        _check(
+            isinstance(self.adapter_model_prefix, str) and len(self.adapter_model_prefix) <= 60,
+            f"{key}.adapter_model_prefix",
+            "must be text of at most 60 characters",
+        )
+        for name in domains:
+            adapter = self.adapter_model_prefix + name
+            _check_mlflow_name(adapter, f"{key}.adapter_model_prefix", f"{adapter[:60]!r} (the model of domain {name})")
+            _check(adapter != self.base_model_name, f"{key}.adapter_model_prefix", f"gives {name!r} the base's name")
 
 
 @dataclass
@@ -131,7 +142,7 @@ class Params:
         for name in self.evaluate.full_finetune:
             _check(name in self.data.domains, "evaluate.full_finetune", f"{name!r} is not a domain in data.domains")
         self.ray.validate()
-        self.mlflow.validate()
+        self.mlflow.validate(domains=tuple(self.data.domains))
         for key, d in [
             ("data.base", self.data.base),
             *((f"data.domains.{n}", d) for n, d in self.data.domains.items()),
@@ -174,6 +185,17 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def _check(ok, key: str, msg: str) -> None:
     if not ok:
         raise CdiffError(f"{key}: {msg}")
+
+
+MLFLOW_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _check_mlflow_name(name, key: str, named: str = "") -> None:
+    """Experiment and registered model names: MLflow refuses '/' and ':' (after training, at registration),
+    and the registry's searches quote names in filter strings: letters, digits, '.', '-' and '_' only."""
+    ok = isinstance(name, str) and MLFLOW_NAME.fullmatch(name) and ".." not in name
+    shown = repr(name) if len(repr(name)) <= 60 else repr(name)[:57] + "..."
+    _check(ok, key, f"{named or shown} is not a name MLflow takes: use 1 to 100 letters, digits, '.', '-' or '_'")
 
 
 def _check_image_folder(source: str, key: str) -> None:

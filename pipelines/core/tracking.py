@@ -12,6 +12,9 @@ import json
 import logging
 import os
 import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -41,7 +44,12 @@ class RunRecord:
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI, else the repo's sqlite file as an absolute path (DVC temp workspaces share it)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{paths.mlflow_db}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
+
+
+def embedded_uri() -> str:
+    """The default store: mlflow.db in the repository, its artefacts in the repository's mlartifacts/."""
+    return f"sqlite:///{paths.mlflow_db}"
 
 
 def client() -> MlflowClient:
@@ -50,9 +58,6 @@ def client() -> MlflowClient:
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
     """A tracking server that is down fails the stage here, in one line, before any training starts."""
-    import urllib.error
-    import urllib.request
-
     if not uri.startswith(("http://", "https://")):
         return
     try:
@@ -69,12 +74,33 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
 def setup(p: Params) -> str:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small record read back
-    check_server(tracking_uri())
-    mlflow.set_tracking_uri(tracking_uri())
-    if "MLFLOW_TRACKING_URI" not in os.environ and mlflow.get_experiment_by_name(p.mlflow.experiment) is None:
-        # the embedded default keeps artifacts beside mlflow.db, whatever folder a stage runs in
-        mlflow.create_experiment(p.mlflow.experiment, artifact_location=paths.mlflow_artifacts.as_uri())
+    uri = tracking_uri()
+    check_server(uri)
+    mlflow.set_tracking_uri(uri)  # MLflow 3.17 exports it as MLFLOW_TRACKING_URI too: Ray's workers get it
+    if uri == embedded_uri():
+        experiment = mlflow.get_experiment_by_name(p.mlflow.experiment)
+        if experiment is None:  # the embedded store keeps artefacts in the repository, whatever folder a stage runs in
+            mlflow.create_experiment(p.mlflow.experiment, artifact_location=paths.mlflow_artifacts.as_uri())
+        else:
+            check_artifacts_inside(experiment.name, experiment.artifact_location)
     return mlflow.set_experiment(p.mlflow.experiment).experiment_id
+
+
+def check_artifacts_inside(experiment: str, location: str) -> None:
+    """The embedded store's artefacts must lie in this project: a copied or moved project's mlflow.db still
+    names the original's folder, and would write into it. (MLflow cannot re-point an experiment: each run and
+    registered version keeps its own absolute artefact URI.)"""
+    parsed = urllib.parse.urlparse(location)
+    if parsed.scheme not in ("", "file"):
+        return  # an object store the user chose for this experiment
+    folder = Path(os.path.realpath(urllib.request.url2pathname(parsed.path)))
+    if not folder.is_relative_to(paths.root):
+        raise CdiffError(
+            f"MLflow experiment {experiment!r} in {paths.show(paths.mlflow_db)} keeps its artefacts in {folder}, "
+            f"outside this project ({paths.root}): the project was copied or moved. Move {paths.show(paths.mlflow_db)} "
+            f"and {paths.show(paths.mlflow_artifacts)}/ aside to start a new store here, or set MLFLOW_TRACKING_URI "
+            "to the store you mean"
+        )
 
 
 def git_commit() -> str:
@@ -108,11 +134,15 @@ def stage_run(p: Params, stage: str, domain: str | None = None):
         "packages": json.dumps({n: version(n) for n in ("torch", "ray", "mlflow", "dvc")}),
     }
     with mlflow.start_run(run_name=f"{stage}-{domain}" if domain else stage, tags=tags) as run:
-        mlflow.log_params(flatten(to_dict(p)))
-        mlflow.log_artifact(str(paths.params_file))
-        if paths.lock_file.is_file():
-            mlflow.log_artifact(str(paths.lock_file))  # dvc.lock's input hashes as of this run
-        yield run.info.run_id
+        try:
+            mlflow.log_params(flatten(to_dict(p)))
+            mlflow.log_artifact(str(paths.params_file))
+            if paths.lock_file.is_file():
+                mlflow.log_artifact(str(paths.lock_file))  # dvc.lock's input hashes as of this run
+            yield run.info.run_id
+        except KeyboardInterrupt:  # SIGTERM or Ctrl-C (cdiff.io.Interrupted): stopped, not failed
+            mlflow.end_run("KILLED")
+            raise
 
 
 @contextlib.contextmanager
@@ -121,7 +151,11 @@ def reopen(p: Params, record: Path):
     run = results.load(record, RunRecord, "MLflow run record")
     setup(p)
     with mlflow.start_run(run_id=run.run_id):
-        yield run
+        try:
+            yield run
+        except BaseException:
+            mlflow.end_run("FINISHED")  # the earlier stage's run stays finished: its model is still good
+            raise
 
 
 def save_run_record(path: Path, run_id: str, model_version: str, fingerprint: str = "") -> None:
