@@ -1,4 +1,4 @@
-"""The quality goals of a run, checked against its result records."""
+"""The quality goals of a run (issue 9's CPU targets), checked against its result records."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def base_goals(e: BaseEvaluation) -> list[Goal]:
             0.8 * e.judge_test_accuracy,
             e.base.gan_test >= 0.8 * e.judge_test_accuracy,
         ),
-        _goal("FID within 10x of the real-vs-real floor", e.base.fid, 10 * e.floor.fid, e.base.fid <= 10 * e.floor.fid),
+        _goal("FID within 6x of the real-vs-real floor", e.base.fid, 6 * e.floor.fid, e.base.fid <= 6 * e.floor.fid),
     ]
 
 
@@ -30,10 +30,10 @@ def domain_goals(e: DomainEvaluation, full: FullFinetuneResult | None) -> list[G
         share = (e.base.fid - e.adapter.fid) / gap if gap > 0 else None  # undefined if the full FT is no better
         goals.append(
             _goal(
-                "at least 50% of the way from the base's FID to the full fine-tune's",
+                "at least 60% of the way from the base's FID to the full fine-tune's",
                 share,
-                0.5,
-                share is not None and share >= 0.5,
+                0.6,
+                share is not None and share >= 0.6,
             )
         )
     return goals
