@@ -47,8 +47,8 @@ def test_base_goals_use_the_judge_and_the_floor():
     def evaluation(gan_test, fid):
         return BaseEvaluation(Score(0.4, 0.9, 40), Score(fid, gan_test, 40), 0.9, "ddim-50", 2.0)
 
-    assert [g.met for g in goals.base_goals(evaluation(0.7, 5.0))] == [False, False]  # 0.7 < 0.72; 5 > 4
-    assert [g.met for g in goals.base_goals(evaluation(0.8, 3.9))] == [True, True]
+    assert [g.met for g in goals.base_goals(evaluation(0.7, 2.5))] == [False, False]  # 0.7 < 0.72; 2.5 > 6 x 0.4
+    assert [g.met for g in goals.base_goals(evaluation(0.8, 2.3))] == [True, True]
 
 
 def test_hostile_class_names_stay_text_in_reports_and_write_only_the_given_file(tmp_path):

@@ -109,8 +109,9 @@ def test_champion_moves_only_to_an_adapter_better_beyond_the_interval(tmp_path, 
 
     from pipelines.core import tracking
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)  # explicit: an earlier test's mlflow.set_tracking_uri outranks the variable
     client.create_registered_model("cdiff-adapter-x")
     versions = [str(client.create_model_version("cdiff-adapter-x", str(tmp_path / f"m{i}")).version) for i in range(4)]
     scores = [(50.0, [45.0, 55.0]), (48.0, [44.0, 53.0]), (60.0, [57.0, 64.0]), (30.0, [27.0, 34.0])]
