@@ -84,9 +84,9 @@ def test_metrics_and_report_hold_judge_scores_and_goals(project):
     assert not any("per_class" in column or column.startswith("accuracy.") for column in shown)
     sweep = (work / "plots/sweep_sampler.csv").read_text().splitlines()
     assert sweep[0] == "sampler,fid,gan_test,seconds,images"
-    assert [r.split(",")[0] for r in sweep[1:]] == ["ddpm", "ddim-5"]
+    assert [r.split(",")[0] for r in sweep[1:]] == ["ddpm", "ddim-5", "dpm++2m-5"]
     guidance, samplers = (results.load_sweep(work / f"plots/sweep_{over}.csv") for over in ("guidance", "sampler"))
-    assert guidance[1].setting == "2" and guidance[1] == replace(samplers[1], setting="2")  # ddim-5 at 2: sampled once
+    assert guidance[1].setting == "2" and guidance[1] == replace(samplers[2], setting="2")  # dpm++2m-5 at 2: once
     summary = results.load(work / "reports/summary.json", results.RunSummary)
     assert len(summary.domains["inverted"].goals) == 4  # with the full fine-tune goal
     assert len(summary.domains["rotated"].goals) == 3 and summary.domains["rotated"].full is None

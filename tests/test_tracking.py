@@ -33,3 +33,24 @@ reproduce.main()
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "is not a full 40-hex commit id" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_sweep_points_of_every_sampler_kind_are_valid_mlflow_keys(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from cdiff import results
+    from cdiff.samplers import KINDS, Sampler
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    labels = [Sampler.of(kind, 20).label for kind in KINDS]
+    points = [
+        results.SweepPoint(label, results.Score(10.0, 0.9, 60, [8.0, 12.0], [0.8, 0.95]), 1.0) for label in labels
+    ]
+    with mlflow.start_run() as run:
+        tracking.log_sweep("sampler", points)
+    logged = set(MlflowClient(uri).get_run(run.info.run_id).data.metrics)
+    assert {"sweep_sampler.dpmpp2m-20.score.fid", "sweep_sampler.ddim-20.score.fid_high"} <= logged
+    assert "sweep_sampler.ddpm.seconds" in logged

@@ -173,8 +173,9 @@ def log_result(record, prefix: str = "") -> None:
 
 
 def log_sweep(over: str, points: list[results.SweepPoint]) -> None:
+    """Each point's numbers as `sweep_sampler.ddim-50.fid`; MLflow refuses '+' in a key: dpm++2m-20 -> dpmpp2m-20."""
     for point in points:
-        mlflow.log_metrics(results.scalars(point, f"sweep_{over}.{point.setting}."))
+        mlflow.log_metrics(results.scalars(point, f"sweep_{over}.{point.setting.replace('+', 'p')}."))
 
 
 def log_files(path: Path, artifact_path: str) -> None:
