@@ -1,6 +1,7 @@
 """Faults survived: a killed Ray Train worker, a killed `dvc repro`, an MLflow server that is down,
 and concurrent writers to one MLflow store (sqlite and a real server)."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -108,8 +109,26 @@ def slow_project(tmp_path_factory):
     return work, env
 
 
-def test_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_project):
+def _checkpoints(storage: Path) -> int:
+    return len(list(storage.glob("base-*/checkpoint_*")))
+
+
+def _runs_by_status(work: Path, env: dict) -> dict:
+    code = f"""
+import json, mlflow
+mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
+runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="tags.stage = 'pretrain'")
+print(json.dumps(runs["status"].value_counts().to_dict()))
+"""
+    return json.loads(run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
+
+
+def test_stopped_then_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_project):
+    """SIGTERM to `dvc repro` (DVC does not pass it on): the stage stops within a minute, writes nothing, aborts
+    its Ray run and marks its MLflow run KILLED; a rerun at once resumes. Then SIGKILL to everything (a crash):
+    nothing half-written, and the next rerun resumes again and ends with the whole curve."""
     work, env = slow_project
+    storage = work / "ray_results"
     proc = subprocess.Popen(
         ["dvc", "repro", "pretrain"],
         cwd=work,
@@ -119,16 +138,45 @@ def test_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_project):
         start_new_session=True,
     )
     try:
-        deadline = time.time() + 240
-        while not _registered_checkpoint(work / "ray_results"):
+        deadline = time.time() + 600  # a loaded machine can take minutes to the first checkpoint
+        while not _registered_checkpoint(storage):
             assert proc.poll() is None and time.time() < deadline, "pretrain ended before its first checkpoint"
+            time.sleep(0.05)
+        stage = [c for c in psutil.Process(proc.pid).children() if "pipelines.pretrain" in " ".join(c.cmdline())]
+        assert stage, "the stage runs as dvc's child"
+        proc.send_signal(signal.SIGTERM)  # dvc alone, as a scheduler or `kill` would
+        proc.wait(timeout=60)
+        _, alive = psutil.wait_procs(stage, timeout=90)
+        assert not alive, "the stage trained on after dvc was stopped"
+        stopped_at = _checkpoints(storage)
+        deadline = time.time() + 30
+        while _train_workers() and time.time() < deadline:  # Ray's workers end with the stage's Ray session
+            time.sleep(0.5)
+        assert not _train_workers()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert not (work / "models" / "base").exists()  # nothing half-written, nothing taken for complete
+    assert not (work / "metrics" / "pretrain.json").exists()
+    assert _runs_by_status(work, env) == {"KILLED": 1}
+
+    log = work / "rerun.log"
+    with open(log, "w") as out:  # the rerun right after: resumes, then is killed outright
+        proc = subprocess.Popen(
+            ["dvc", "repro", "pretrain"], cwd=work, env=env, stdout=out, stderr=out, start_new_session=True
+        )
+    try:
+        deadline = time.time() + 600
+        while _checkpoints(storage) <= stopped_at:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # dvc, the stage and whatever Ray runs in its session
         proc.wait()
     for worker in _train_workers():
         worker.kill()
-    assert not (work / "models" / "base").exists()  # nothing half-written, nothing taken for complete
+    assert "resuming from the checkpoint at step" in log.read_text()
+    assert not (work / "models" / "base").exists()
     assert not (work / "metrics" / "pretrain.json").exists()
     assert "pretrain" in run(["dvc", "status", "pretrain"], work, env)
     out = run(["dvc", "repro", "pretrain"], work, env, check=False)

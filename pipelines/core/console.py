@@ -1,4 +1,4 @@
-"""The console of a stage: one-line errors, one summary line, and Ray's known noise dropped.
+"""The console of a stage: one-line errors, one summary line, clean stops, and Ray's known noise dropped.
 
 A default run used to print Ray Train's PlacementGroupCleaner warning every second of every Train
 stage (its detached actor polls the State API, which the dashboard serves, and a local session
@@ -7,17 +7,26 @@ by its file path, which Train's own log level does not reach), a core-worker err
 PreemptionWatcher actor's arguments, and a notice that token authentication is on. Ray forwards
 every worker line through one dispatcher in the driver; distributed.session drops the lines that
 `is_noise` names there (they stay in Ray's log files), and every other warning and error still shows.
+
+Stops: SIGTERM and SIGINT raise `cdiff.io.Interrupted` in a stage, so its `with` blocks unwind (the Ray
+run is aborted, the MLflow run marked KILLED, temp files removed) and it exits 128+N with one line.
+`dvc repro` does not pass SIGTERM on to its stage: killed, it leaves the stage orphaned, training on.
+Under DVC a thread watches the stage's parent and stops the stage the same way when DVC is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from cdiff.errors import CdiffError
+from cdiff.io import Interrupted, interrupts_unwind
 
 NOISE = (
     "Failed to query Ray Train Controller actor state",  # PlacementGroupCleaner, every second
@@ -49,20 +58,58 @@ def stage_name() -> str:
 
 
 def stage(fn):
-    """Run a stage's main: user errors print one line and exit 2 (a traceback only with CDIFF_DEBUG=1)."""
+    """Run a stage's main: user errors print one line and exit 2 (a traceback only with CDIFF_DEBUG=1);
+    SIGTERM and SIGINT (and the end of the `dvc repro` that started it) stop it cleanly, exit 128+N."""
 
     @functools.wraps(fn)
     def main(*args):
         quiet_driver()
         try:
-            fn(*args)
+            with interrupts_unwind(), _stop_when_dvc_is_gone():
+                fn(*args)
         except CdiffError as e:
             if os.environ.get("CDIFF_DEBUG") == "1":
                 raise
-            print(f"{Path(sys.argv[0]).stem}: error: {e}", file=sys.stderr)
+            _close_progress_bars()
+            print(f"{stage_name()}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
             sys.exit(2)
+        except Interrupted as e:
+            _close_progress_bars()
+            print(f"{stage_name()}: interrupted ({e}): stopped, nothing half-written left behind", file=sys.stderr)
+            sys.exit(128 + e.signum)
 
     return main
+
+
+@contextlib.contextmanager
+def _stop_when_dvc_is_gone(poll_s: float = 0.2):
+    """Under DVC: SIGTERM to this stage as soon as its parent (`dvc repro`) is gone, as DVC killed by
+    SIGTERM does not pass the signal on. A stage run by hand keeps running whatever its parent does."""
+    if not os.environ.get("DVC_STAGE"):
+        yield
+        return
+    parent, done = os.getppid(), threading.Event()
+
+    def watch() -> None:
+        while not done.wait(poll_s):
+            if os.getppid() != parent:  # reparented: DVC has exited
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="stop-when-dvc-is-gone", daemon=True).start()
+    try:
+        yield
+    finally:
+        done.set()
+
+
+def _close_progress_bars() -> None:
+    """Clear the stage's progress bars first, so that its last line is a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):  # a bar interrupted while it was being drawn
+            bar.close()
 
 
 def summary(made: str, metric: str, where: str) -> None:

@@ -7,15 +7,26 @@ Rank 0 checkpoints every `checkpoint_every` steps; a rerun of the same job gets 
 
 Tune: each trial is a function trainable that trains in-process on 1 CPU (no nested Train run), so
 `tune.max_concurrent` trials run side by side on a 2-CPU machine without deadlock.
+
+Stops: ray.init and TrainTrainer.fit install signal handlers of their own (SIGTERM: sys.exit; SIGINT:
+abort, then sys.exit(0), leaving the stage to go on). The stage's handlers (console.stage) are kept
+instead, and a run stopped by SIGTERM or SIGINT is aborted through its controller before Ray shuts down.
+A training error of cdiff's (divergence) ends the Ray run at once instead of being retried: a retry from
+the same checkpoint would fail the same way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import hashlib
 import math
 import os
+import pickle
+import signal
 import tempfile
+import time
 from pathlib import Path
 
 import ray
@@ -30,6 +41,7 @@ from ray.tune.search import BasicVariantGenerator
 from tqdm.auto import tqdm
 
 from cdiff.data import ImageSet
+from cdiff.errors import CdiffError
 from cdiff.model import UNet
 from cdiff.results import TuneTrial
 from cdiff.schedule import NoiseSchedule
@@ -41,6 +53,7 @@ from pipelines.core.jobs import TrainJob, build_model, run_name, train_job
 from pipelines.core.layout import paths
 
 STATE_FILE = "state.pt"
+ERROR = "error"  # the metric of a run's last report that holds the message of a training error
 
 
 @contextlib.contextmanager
@@ -48,12 +61,16 @@ def session(p: Params):
     """Join the cluster at RAY_ADDRESS, or start a local Ray sized by params (no dashboard); shut down after."""
     env = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "GLOO_SOCKET_IFNAME") if k in os.environ}
     runtime_env = {"env_vars": env}
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would end a search early on Ctrl-C, and the stage go on
+    on_sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit(15)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
     else:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local CPU DDP: gloo on loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
         ray.init(num_cpus=p.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env, configure_logging=False)
+    if on_sigterm is not None:
+        signal.signal(signal.SIGTERM, on_sigterm)
     _drop_forwarded_noise()
     try:
         yield
@@ -81,7 +98,7 @@ def _drop_forwarded_noise() -> None:
 
 
 def train_fn(config: dict) -> None:
-    """Runs on every Ray Train worker; rank 0 shows the one progress bar (rendered by the driver)."""
+    """Runs on every Ray Train worker; rank 0 shows the one progress bar (rendered by the driver) and writes."""
     from ray.experimental.tqdm_ray import tqdm as ray_tqdm
 
     job: TrainJob = ray.get(config["job"])
@@ -91,11 +108,7 @@ def train_fn(config: dict) -> None:
     model = build_model(job)
     device = ray.train.torch.get_device()
     model.to(device)
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            resume = torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+    resume = _resume_state(ray.train.get_checkpoint(), device, rank)
     state = new_state(model, job.train, resume)
     if resume is not None and rank == 0:
         print(f"resuming from the checkpoint at step {state.step} of {job.train.steps}", flush=True)
@@ -103,42 +116,73 @@ def train_fn(config: dict) -> None:
     bar = ray_tqdm(desc=f"train {job.kind}", total=job.train.steps) if rank == 0 else None
     pending: list[tuple[int, float]] = []
     reported = False
+    with tempfile.TemporaryDirectory() as last:  # rank 0: the state of the last checkpoint (or of the start)
+        saved = {"step": state.step}
 
-    def on_log(step: int, metrics: dict) -> None:
-        pending.append((step, metrics["loss"]))
+        def save(st) -> None:
+            if rank == 0:
+                torch.save(st.state_dict(ddp_model), Path(last) / STATE_FILE)
+            saved["step"] = st.step
+
+        def report(metrics: dict) -> None:
+            if rank == 0:  # rank 0 alone writes; the others report too: report is a barrier
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(last))
+            else:
+                ray.train.report(metrics)
+
+        def on_log(step: int, metrics: dict) -> None:
+            pending.append((step, metrics["loss"]))
+            if bar:
+                bar.update(step - bar.n)
+                bar.set_description(f"train {job.kind}: loss {metrics['loss']:.4f}")
+
+        def on_checkpoint(st) -> None:
+            nonlocal reported
+            metrics = {"step": st.step, "loss": pending[-1][1] if pending else math.nan, "curve": list(pending)}
+            pending.clear()
+            save(st)
+            report(metrics)
+            reported = True
+
+        save(state)
         if bar:
-            bar.update(step - bar.n)
-            bar.set_description(f"train {job.kind}: loss {metrics['loss']:.4f}")
+            bar.update(state.step)
+        try:
+            train_job(
+                ddp_model,
+                job,
+                state=state,
+                rank=rank,
+                world_size=world,
+                device=device,
+                on_log=on_log,
+                on_checkpoint=on_checkpoint,
+                progress=False,
+            )
+        except CdiffError as e:
+            # Deterministic (a divergence: the gradients are all-reduced, so every worker stops at the same step),
+            # so a retry would fail alike: the last good state is reported again with the message, which fit()
+            # raises. The loss points after that state are not sent: a rerun resumes there and trains them again.
+            report({"step": saved["step"], "curve": [], ERROR: str(e)})
+            return
+        finally:
+            if bar:
+                bar.close()
+        if not reported:  # resumed from the final checkpoint: hand it back as this run's result
+            on_checkpoint(state)
 
-    def on_checkpoint(st) -> None:
-        nonlocal reported
-        metrics = {"step": st.step, "loss": pending[-1][1] if pending else math.nan, "curve": list(pending)}
-        pending.clear()
-        if rank == 0:  # rank 0 alone writes
-            with tempfile.TemporaryDirectory() as d:
-                torch.save(st.state_dict(ddp_model), Path(d) / STATE_FILE)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)  # a barrier: every worker reports as often as rank 0
-        reported = True
 
-    if bar:
-        bar.update(state.step)
-    train_job(
-        ddp_model,
-        job,
-        state=state,
-        rank=rank,
-        world_size=world,
-        device=device,
-        on_log=on_log,
-        on_checkpoint=on_checkpoint,
-        progress=False,
-    )
-    if bar:
-        bar.close()
-    if not reported:  # resumed from the final checkpoint: hand it back as this run's result
-        on_checkpoint(state)
+def _resume_state(checkpoint, device, rank: int) -> dict | None:
+    """The state in Ray's latest checkpoint; one that cannot be read (a folder cut short) starts over, saying so."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        try:
+            return torch.load(Path(d) / STATE_FILE, map_location=device, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            if rank == 0:
+                print(f"cannot read the checkpoint {checkpoint.path} ({type(e).__name__}): training starts over")
+            return None
 
 
 class CurveToMlflow(UserCallback):
@@ -160,9 +204,29 @@ class CurveToMlflow(UserCallback):
             self.last_step = new[-1][0]
 
 
+class _StoppableTrainer(TorchTrainer):
+    """A TorchTrainer whose run the driver can abort. fit() hands the run's controller to the SIGINT handler
+    it installs (one that aborts, then sys.exit(0)s and lets the stage go on): kept here, no handler installed."""
+
+    controller = None
+
+    def _register_sigint_handler(self, controller) -> None:
+        self.controller = controller
+
+    def abort(self) -> None:
+        """Stop the workers (no further checkpoint or report) and the controller; waits for them."""
+        if self.controller is not None:
+            with contextlib.suppress(ray.exceptions.RayError):  # the controller exits as it aborts
+                ray.get(self.controller.abort.remote(), timeout=60)
+
+
 def fit(p: Params, job: TrainJob, *, mlflow_run_id: str | None = None) -> tuple[UNet, list[tuple[int, float]]]:
-    """Train a job with TorchTrainer; returns (the model with its EMA weights, the full loss curve)."""
-    trainer = TorchTrainer(
+    """Train a job with TorchTrainer; returns (the model with its EMA weights, the full loss curve).
+
+    SIGTERM or SIGINT (console.stage) aborts the run before the interrupt goes on; a training error (divergence)
+    is raised as the CdiffError it is, after one try.
+    """
+    trainer = _StoppableTrainer(
         train_fn,
         train_loop_config={"job": ray.put(job)},  # sent whole, through the object store
         torch_config=TorchConfig(backend="nccl" if p.ray.use_gpu else "gloo"),
@@ -178,7 +242,14 @@ def fit(p: Params, job: TrainJob, *, mlflow_run_id: str | None = None) -> tuple[
             logging_config=LoggingConfig(log_level="WARNING"),  # Train's progress notes; warnings still show
         ),
     )
-    result = trainer.fit()
+    with _one_at_a_time(paths.ray_storage(p.ray.storage_path), run_name(job)):
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:  # cdiff.io.Interrupted: SIGTERM or SIGINT
+            trainer.abort()
+            raise
+    if result.metrics and result.metrics.get(ERROR):
+        raise CdiffError(result.metrics[ERROR])
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
     curve = [(int(s), float(v)) for s, v in state["losses"].tolist()]
@@ -188,6 +259,36 @@ def fit(p: Params, job: TrainJob, *, mlflow_run_id: str | None = None) -> tuple[
     model.load_state_dict(state["model"])
     apply_ema(model, state["ema"])
     return model.eval(), curve
+
+
+@contextlib.contextmanager
+def _one_at_a_time(storage: str, name: str, wait_s: float = 120.0):
+    """One process at a time trains a Ray run. A rerun started while a stopped stage is still shutting down
+    waits for it: sharing the run's folder, one would delete the checkpoint the other resumes from."""
+    folder, lock = Path(storage), f".{name}.lock"
+    if "://" in storage:  # cloud storage: a lock on this machine
+        folder, lock = (
+            Path(tempfile.gettempdir()) / "cdiff-ray-locks",
+            f"{hashlib.sha256(storage.encode()).hexdigest()[:12]}{lock}",
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / lock, "a") as f:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError as e:
+                if time.monotonic() > deadline:
+                    raise CdiffError(
+                        f"another process has been training the Ray run {name} in {storage} for {wait_s:.0f} s "
+                        "after this stage started: wait for it to end, or stop it"
+                    ) from e
+                time.sleep(0.25)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---- Ray Tune --------------------------------------------------------------------------------
