@@ -114,6 +114,8 @@ class TuneTrial:
     lr: float
     val_loss: float  # the best validation loss the trial reached
     steps: int  # how far it ran before ASHA stopped it (or its budget ran out)
+    objective: str = "val_loss"  # what the search optimised: val_loss, fid or gan_test
+    score: float | None = None  # the best value of the objective the trial reached (None in older files)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""Stage tune@DOMAIN: Ray Tune searches LoRA rank, alpha and lr with ASHA on a deterministic validation loss.
+"""Stage tune@DOMAIN: Ray Tune searches LoRA rank, alpha and lr with ASHA on `tune.objective`.
 
-Trial 0 is the domain's configured LoRA with train.lora.lr. The driver logs every trial to MLflow
-afterwards as a child run of the domain's tune run (one writer).
+Trial 0 is the domain's configured LoRA with train.lora.lr. The objective is the deterministic
+validation loss, or the domain's judge on samples of each trial (FID or GAN-test accuracy). A rerun
+after an interruption resumes the search. The driver logs every trial to MLflow afterwards as a
+child run of the domain's tune run (one writer), each trial once.
 """
 
 import sys
@@ -15,6 +17,7 @@ from pipelines.core.config import params
 from pipelines.core.console import stage, summary
 from pipelines.core.jobs import Weights, job_for
 from pipelines.core.layout import make_parents, paths
+from pipelines.core.scoring import Scorer
 
 
 @stage
@@ -34,19 +37,24 @@ def main(name: str) -> None:
     base, _, _ = load_model(paths.base_model)
     job = job_for(p, "lora", train_set, budget, base=Weights.of(base), lora=domain.lora, threads=1)
     start = {"r": domain.lora.r, "alpha_ratio": domain.lora.alpha / domain.lora.r, "lr": p.train.lora.lr}
+    judge = None
+    if t.objective != "val_loss":  # the domain's judge scores samples of each trial
+        test_set = load_imageset(paths.prepared(name), "test")
+        judge = (Scorer(paths.judge(name), test_set, t.objective_per_class, p.seed), t.sampler)
     make_parents(paths.tune_best(name), paths.tune_trials(name))
     with tracking.stage_run(p, "tune", name):
         with distributed.session(p):
-            found = distributed.search(p, job, val_set, start)
-        for trial, curves in found:
-            tracking.log_trial(trial, curves, {"stage": "tune-trial", "domain": name})
-        trials = [trial for trial, _ in found]
-        best = min(trials, key=lambda trial: (trial.val_loss, trial.trial))
+            found = distributed.search(p, job, val_set, start, judge)
+        for trial, curves, tags in found:
+            tracking.log_trial(trial, curves, {**tags, "stage": "tune-trial", "domain": name})
+        trials = [trial for trial, _, _ in found]
+        sign = -1 if t.mode == "max" else 1
+        best = min(trials, key=lambda trial: (sign * trial.score, trial.trial))
         tracking.log_result(best, prefix="best.")
         results.save(paths.tune_best(name), best)
         results.save(paths.tune_trials(name), results.TuneTrials(trials))
     chosen = f"best of {len(trials)} trials: r={best.r} alpha={best.alpha:g} lr={best.lr:.2e}"
-    summary(chosen, f"val loss {best.val_loss:.4f}", paths.show(paths.tune_best(name)))
+    summary(chosen, f"{t.objective.replace('_', ' ')} {best.score:.4f}", paths.show(paths.tune_best(name)))
 
 
 if __name__ == "__main__":

@@ -53,6 +53,12 @@ def test_default_params_load():
             lambda r: r["mlflow"].update(adapter_model_prefix="", base_model_name="digits"),
             "mlflow.adapter_model_prefix",
         ),
+        (lambda r: r["tune"].update(objective="accuracy"), "tune.objective"),
+        (lambda r: r["tune"].update(objective_per_class=0), "tune.objective_per_class"),
+        (lambda r: r["tune"].update(search="bayes"), "tune.search"),
+        (lambda r: r["tune"].update(objective_sampler="ddim-0"), "tune.objective_sampler"),
+        (lambda r: r["tune"].update(objective_guidance=float("nan")), "tune.objective_guidance"),
+        (lambda r: r["ray"].update(placement_strategy="spread"), "ray.placement_strategy"),
     ],
 )
 def test_invalid_values_name_the_key(tmp_path, edit, key):

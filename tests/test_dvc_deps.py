@@ -74,7 +74,7 @@ def layout_paths(stage: str, L: Layout, base: str) -> tuple[set, set]:
             {L.base_model, L.judge(d), L.judge_metrics(d), L.prepared(d), L.pretrain_run},
             {L.base_metrics, L.per_class(L.base_metrics), L.sweep("guidance"), L.sweep("sampler")},
         ),
-        "tune": ({L.base_model, L.prepared(d)}, {L.tune_best(d), L.tune_trials(d)}),
+        "tune": ({L.base_model, L.judge(d), L.prepared(d)}, {L.tune_best(d), L.tune_trials(d)}),
         "finetune": (
             {L.base_model, L.prepared(d), L.tune_best(d)},
             {L.adapter(d), L.finetune_run(d), L.finetune_curve(d)},

@@ -26,6 +26,10 @@ from cdiff.errors import CdiffError
 from cdiff.samplers import Sampler
 from pipelines.core.layout import paths
 
+OBJECTIVES = ("val_loss", "fid", "gan_test")  # fid and gan_test: the domain's judge scores the trial's samples
+SEARCHES = ("random", "tpe")
+PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
+
 
 @dataclass
 class TuneConfig:
@@ -41,6 +45,22 @@ class TuneConfig:
     reduction_factor: int = 2
     val_images: int = 256
     batch_size: int = 64
+    objective: str = "val_loss"  # what the search minimises (val_loss, fid) or maximises (gan_test)
+    objective_per_class: int = 10  # generated images per class for a judge objective, at each ASHA rung
+    objective_sampler: str = "dpm++2m-10"  # how those images are sampled (a label: ddpm, ddim-N, dpm++2m-N)
+    objective_guidance: float = 2.0
+    search: str = "random"  # random sampling, or Optuna's TPE ("tpe"); both with ASHA
+
+    @property
+    def mode(self) -> str:
+        return "max" if self.objective == "gan_test" else "min"
+
+    @property
+    def sampler(self) -> Sampler:
+        """How a judge objective samples each trial's images."""
+        return Sampler.parse(
+            self.objective_sampler, guidance_scale=self.objective_guidance, key="tune.objective_sampler"
+        )
 
     def validate(self, key: str = "tune") -> None:
         for name in ("num_samples", "max_concurrent", "steps_per_trial", "eval_every", "val_images", "batch_size"):
@@ -50,6 +70,15 @@ class TuneConfig:
         _check(0 < self.lr_min <= self.lr_max, f"{key}.lr_min", "need 0 < lr_min <= lr_max")
         _check(1 <= self.grace_period <= self.steps_per_trial, f"{key}.grace_period", "must be in [1, steps]")
         _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "must be at least 2")
+        _check(self.objective in OBJECTIVES, f"{key}.objective", f"must be one of {', '.join(OBJECTIVES)}")
+        _check(self.objective_per_class >= 1, f"{key}.objective_per_class", "must be at least 1")
+        _check(
+            math.isfinite(self.objective_guidance) and self.objective_guidance >= 0,
+            f"{key}.objective_guidance",
+            "must be a number >= 0",
+        )
+        Sampler.parse(self.objective_sampler, guidance_scale=self.objective_guidance, key=f"{key}.objective_sampler")
+        _check(self.search in SEARCHES, f"{key}.search", f"must be one of {', '.join(SEARCHES)}")
 
 
 @dataclass
@@ -78,12 +107,18 @@ class RayConfig:
     num_cpus: int = 2  # size of the local Ray instance when RAY_ADDRESS is unset
     storage_path: str = "ray_results"
     max_failures: int = 2
+    placement_strategy: str = "PACK"  # of Ray Train's workers: SPREAD puts them on different nodes where it can
 
     def validate(self, key: str = "ray") -> None:
         _check(self.num_workers >= 1, f"{key}.num_workers", "must be at least 1")
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
         _check(self.num_cpus >= 1, f"{key}.num_cpus", "must be at least 1")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1: retry forever)")
+        _check(
+            self.placement_strategy in PLACEMENTS,
+            f"{key}.placement_strategy",
+            f"must be one of {', '.join(PLACEMENTS)}",
+        )
 
 
 @dataclass

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -28,26 +29,31 @@ import signal
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
 from ray import tune
+from ray.air.constants import EXPR_RESULT_FILE
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import BasicVariantGenerator
 from tqdm.auto import tqdm
 
+from cdiff.config import to_dict
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
+from cdiff.io import fingerprint
 from cdiff.model import UNet
 from cdiff.results import TuneTrial
 from cdiff.schedule import NoiseSchedule
 from cdiff.train import apply_ema, new_state, validation_loss
 from pipelines.core import tracking
-from pipelines.core.config import Params
+from pipelines.core.config import Params, TuneConfig
 from pipelines.core.console import is_noise
 from pipelines.core.jobs import TrainJob, build_model, run_name, train_job
 from pipelines.core.layout import paths
@@ -109,6 +115,7 @@ def train_fn(config: dict) -> None:
     device = ray.train.torch.get_device()
     model.to(device)
     resume = _resume_state(ray.train.get_checkpoint(), device, rank)
+    node = ray.get_runtime_context().get_node_id()
     state = new_state(model, job.train, resume)
     if resume is not None and rank == 0:
         print(f"resuming from the checkpoint at step {state.step} of {job.train.steps}", flush=True)
@@ -138,7 +145,12 @@ def train_fn(config: dict) -> None:
 
         def on_checkpoint(st) -> None:
             nonlocal reported
-            metrics = {"step": st.step, "loss": pending[-1][1] if pending else math.nan, "curve": list(pending)}
+            metrics = {
+                "step": st.step,
+                "loss": pending[-1][1] if pending else math.nan,
+                "curve": list(pending),
+                "node": node,  # each worker's Ray node, for the run's record
+            }
             pending.clear()
             save(st)
             report(metrics)
@@ -190,11 +202,13 @@ class CurveToMlflow(UserCallback):
 
     After a worker failure Ray restarts from the latest checkpoint and trains the steps after it
     again, with the same numbers (a step's randomness is a function of (seed, step)). Points of
-    steps already logged are skipped, so the run keeps one continuous history.
+    steps already logged are skipped, so the run keeps one continuous history. The Ray nodes the
+    workers ran on (every worker reports its own) are the run's tag `ray_train_nodes`.
     """
 
     def __init__(self, run_id: str):
         self.tracking_uri, self.run_id, self.last_step = tracking.tracking_uri(), run_id, 0
+        self.nodes: set[str] = set()
 
     def after_report(self, run_context, metrics, checkpoint):
         curve = [(int(s), float(v)) for s, v in (metrics[0].get("curve", []) if metrics else [])]
@@ -202,6 +216,10 @@ class CurveToMlflow(UserCallback):
         if new:
             tracking.log_curve(self.run_id, "loss", new, self.tracking_uri)
             self.last_step = new[-1][0]
+        nodes = self.nodes | {m["node"] for m in metrics if "node" in m}
+        if nodes != self.nodes:
+            self.nodes = nodes
+            tracking.set_tags(self.run_id, {"ray_train_nodes": json.dumps(sorted(nodes))}, self.tracking_uri)
 
 
 class _StoppableTrainer(TorchTrainer):
@@ -231,7 +249,10 @@ def fit(p: Params, job: TrainJob, *, mlflow_run_id: str | None = None) -> tuple[
         train_loop_config={"job": ray.put(job)},  # sent whole, through the object store
         torch_config=TorchConfig(backend="nccl" if p.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=p.ray.num_workers, use_gpu=p.ray.use_gpu, resources_per_worker={"CPU": p.ray.cpus_per_worker}
+            num_workers=p.ray.num_workers,
+            use_gpu=p.ray.use_gpu,
+            resources_per_worker={"CPU": p.ray.cpus_per_worker},
+            placement_strategy=p.ray.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name(job),
@@ -294,8 +315,25 @@ def _one_at_a_time(storage: str, name: str, wait_s: float = 120.0):
 # ---- Ray Tune --------------------------------------------------------------------------------
 
 
-def _trial(config: dict, *, job: TrainJob, val_set: ImageSet, val_images: int, use_gpu: bool) -> None:
-    """One Tune trial: the job with the trial's rank, alpha and lr, validated every `log_every` steps."""
+class TrialFound(NamedTuple):
+    trial: TuneTrial
+    curves: dict[str, list[tuple[int, float]]]  # val_loss, train_loss (and fid, gan_test for a judge objective)
+    tags: dict[str, str]  # the Tune experiment, the trial's id in it and the Ray node it ran on
+
+
+def rungs(t: TuneConfig, max_t: int) -> list[int]:
+    """The steps at which ASHA compares trials: grace_period * reduction_factor**k, up to max_t (its one bracket)."""
+    count = int(math.log(max_t / t.grace_period) / math.log(t.reduction_factor) + 1)
+    return [t.grace_period * t.reduction_factor**k for k in range(count)]
+
+
+def _trial(config: dict, *, job: TrainJob, val_set: ImageSet, t: TuneConfig, use_gpu: bool, judge=None) -> None:
+    """One Tune trial: the job with the trial's rank, alpha and lr, validated every `log_every` steps.
+
+    With a judge objective (judge: (Scorer, Sampler)), the trial reports only where ASHA reads it (the
+    first validation at or after each rung, and the last step), each time with the judge's FID and
+    GAN-test accuracy of `objective_per_class` seeded samples per class.
+    """
     torch.set_num_threads(job.threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     r = config["r"]
@@ -306,29 +344,99 @@ def _trial(config: dict, *, job: TrainJob, val_set: ImageSet, val_images: int, u
     )
     model = build_model(job).to(device)
     schedule = NoiseSchedule(job.diffusion)
+    node = ray.get_runtime_context().get_node_id()
+    due = rungs(t, job.train.steps) if judge else []
 
     def report(step: int, metrics: dict) -> None:
-        val = validation_loss(model, schedule, val_set, val_images, seed=job.seed, device=device)
-        tune.report({"val_loss": val, "train_loss": metrics["loss"], "step": step})
+        if judge and step < job.train.steps and not (due and step >= due[0]):
+            return
+        while due and step >= due[0]:
+            due.pop(0)
+        val = validation_loss(model, schedule, val_set, t.val_images, seed=job.seed, device=device)
+        result = {"val_loss": val, "train_loss": metrics["loss"], "step": step, "node": node}
+        if judge:
+            scorer, sampler = judge
+            score = scorer.model(model, schedule, sampler, t.objective_per_class, progress=False).score
+            result |= {"fid": score.fid, "gan_test": score.gan_test}
+        tune.report(result)
 
     train_job(model, job, device=device, on_log=report, progress=False)
 
 
 class _TrialBar(tune.Callback):
-    """The tune stage's one progress bar: trials done (ASHA stops some early)."""
+    """The tune stage's one progress bar: trials done (ASHA stops some early). Made where it runs, not pickled."""
 
     def __init__(self, total: int):
-        self.bar = tqdm(total=total, desc="tune trials", leave=False)
+        self.total, self.bar = total, None
+
+    def __getstate__(self):  # Tune pickles its callbacks with the experiment, to restore them
+        return {"total": self.total, "bar": None}
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.bar.update(1)
+        self._step(trials)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.bar.update(1)
+        self._step(trials)
+
+    def _step(self, trials) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc="tune trials", leave=False)
+        self.bar.update(sum(trial.status in (Trial.TERMINATED, Trial.ERROR) for trial in trials) - self.bar.n)
 
 
-def search(p: Params, job: TrainJob, val_set: ImageSet, start: dict) -> list[tuple[TuneTrial, dict]]:
-    """Tune LoRA rank, alpha (as a ratio of r) and lr with ASHA; `start` is trial 0. Returns (trial, curves) each."""
+class ResumableASHA(ASHAScheduler):
+    """ASHA that, when Tune restores a search, first replays the results of the trials that had finished.
+
+    Tune does not save a scheduler's state: a restored ASHA would compare the remaining trials with
+    nothing, and stop (or keep) other trials than the uninterrupted search. Replaying each finished
+    trial's results (its result.json in the experiment folder) fills the rungs as they were.
+    """
+
+    def on_trial_add(self, tune_controller, trial):
+        super().on_trial_add(tune_controller, trial)
+        if trial.status != Trial.TERMINATED:
+            return
+        bracket = self._trial_info.pop(trial.trial_id)
+        fs = trial.storage.storage_filesystem
+        with fs.open_input_stream(f"{trial.path}/{EXPR_RESULT_FILE}") as f:
+            results = [json.loads(line) for line in f.readall().decode().splitlines() if line.strip()]
+        for result in results:
+            if self._time_attr in result and self._metric in result:
+                bracket.on_result(trial, result[self._time_attr], self._metric_op * result[self._metric])
+
+
+def experiment_name(p: Params, job: TrainJob, val_set: ImageSet, start: dict, judge_fingerprint: str | None) -> str:
+    """tune-<job>-<digest of the search>: a rerun of the same search restores it; any change starts anew."""
+    search = {
+        "tune": to_dict(p.tune),
+        "start": start,
+        "val": fingerprint({"images": val_set.images, "labels": val_set.labels}),
+        "judge": judge_fingerprint,
+        "gpu": p.ray.use_gpu,
+    }
+    return f"tune-{run_name(job)}-{hashlib.sha256(json.dumps(search, sort_keys=True).encode()).hexdigest()[:8]}"
+
+
+def _searcher(t: TuneConfig, start: dict, seed: int):
+    """Random sampling or Optuna's TPE, both seeded, trial 0 the domain's own config, `max_concurrent` at once."""
+    if t.search == "tpe":
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial otherwise
+        return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[start], seed=seed), t.max_concurrent)
+    # the concurrency limit belongs to the search generator: Tune ignores max_concurrent_trials for one
+    return BasicVariantGenerator(points_to_evaluate=[start], random_state=seed, max_concurrent=t.max_concurrent)
+
+
+def search(p: Params, job: TrainJob, val_set: ImageSet, start: dict, judge=None) -> list[TrialFound]:
+    """Tune LoRA rank, alpha (as a ratio of r) and lr with ASHA on `tune.objective`; `start` is trial 0.
+
+    judge: (Scorer, Sampler) for the fid and gan_test objectives. The search lives in
+    ray.storage_path under a name fixed by the job and the search's settings: a rerun after an
+    interruption restores it, and the trials that had finished are not run again.
+    """
     t = p.tune
     space = {
         "r": tune.choice(t.ranks),
@@ -336,40 +444,45 @@ def search(p: Params, job: TrainJob, val_set: ImageSet, start: dict) -> list[tup
         "lr": tune.loguniform(t.lr_min, t.lr_max),
     }
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer console prints its experiment table even at verbose=0
-    trainable = tune.with_parameters(_trial, job=job, val_set=val_set, val_images=t.val_images, use_gpu=p.ray.use_gpu)
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"cpu": 1, "gpu": 1 if p.ray.use_gpu else 0}),
-        param_space=space,
-        tune_config=tune.TuneConfig(
-            metric="val_loss",
-            mode="min",
-            num_samples=t.num_samples,
-            # the concurrency limit belongs to the search generator: Tune ignores max_concurrent_trials for one
-            search_alg=BasicVariantGenerator(
-                points_to_evaluate=[start], random_state=p.seed, max_concurrent=t.max_concurrent
-            ),
-            scheduler=ASHAScheduler(
-                time_attr="step",
-                max_t=job.train.steps,
-                grace_period=t.grace_period,
-                reduction_factor=t.reduction_factor,
-            ),
-        ),
-        run_config=tune.RunConfig(
-            name=f"tune-{run_name(job)}",
-            storage_path=paths.ray_storage(p.ray.storage_path),
-            verbose=0,
-            callbacks=[_TrialBar(t.num_samples)],
-        ),
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # state on disk lags a finished trial by 2 s, not 10+
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, job=job, val_set=val_set, t=t, use_gpu=p.ray.use_gpu, judge=judge),
+        {"cpu": 1, "gpu": 1 if p.ray.use_gpu else 0},
     )
-    found = []
-    for i, result in enumerate(tuner.fit()):
-        if result.error:
-            raise RuntimeError(f"trial {i} failed: {result.error}")
-        df, c = result.metrics_dataframe, result.config
-        trial = TuneTrial(
-            i, c["r"], c["alpha_ratio"] * c["r"], c["lr"], float(df["val_loss"].min()), int(df["step"].max())
+    name = experiment_name(p, job, val_set, start, fingerprint(judge[0].judge.state_dict()) if judge else None)
+    storage = paths.ray_storage(p.ray.storage_path)
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, restart_errored=True, param_space=space)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=t.objective,
+                mode=t.mode,
+                num_samples=t.num_samples,
+                search_alg=_searcher(t, start, p.seed),
+                scheduler=ResumableASHA(
+                    time_attr="step",
+                    max_t=job.train.steps,
+                    grace_period=t.grace_period,
+                    reduction_factor=t.reduction_factor,
+                ),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0, callbacks=[_TrialBar(t.num_samples)]),
         )
-        curves = {k: list(zip(df["step"], df[k], strict=True)) for k in ("val_loss", "train_loss")}
-        found.append((trial, curves))
+    grid = tuner.fit()
+    if grid.errors:
+        raise RuntimeError(f"{len(grid.errors)} trial(s) failed, the first with: {grid.errors[0]}")
+    found = []
+    for result in sorted(grid, key=lambda r: int(r.metrics["experiment_tag"].split("_")[0])):  # creation order
+        df, c, m = result.metrics_dataframe, result.config, result.metrics
+        best = df[t.objective].min() if t.mode == "min" else df[t.objective].max()
+        alpha, val, steps = c["alpha_ratio"] * c["r"], float(df["val_loss"].min()), int(df["step"].max())
+        trial = TuneTrial(len(found), c["r"], alpha, c["lr"], val, steps, t.objective, float(best))
+        keys = ["val_loss", "train_loss"] + (["fid", "gan_test"] if judge else [])
+        curves = {k: list(zip(df["step"], df[k], strict=True)) for k in keys}
+        tags = {"tune_experiment": name, "tune_trial_id": m["trial_id"], "ray_node": m["node"]}
+        found.append(TrialFound(trial, curves, tags))
     return found

@@ -9,12 +9,30 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
+
+def _roots() -> tuple[Path, Path]:
+    """(the workspace a stage runs in, the repository whose MLflow store and Ray storage it shares).
+
+    DVC runs a stage in its workspace's root. A queued or --temp experiment's workspace is a temp folder
+    (<repo>/.dvc/tmp/exps/...), deleted afterwards, and there DVC sets DVC_ROOT to the repository:
+    runs and checkpoints go to the repository's store, outputs stay in the workspace.
+    """
+    cwd, dvc_root = Path.cwd().resolve(), os.environ.get("DVC_ROOT")
+    if dvc_root and os.environ.get("DVC_STAGE"):
+        return cwd, Path(dvc_root).resolve()
+    root = Path(dvc_root or cwd).resolve()
+    return root, root
 
 
 @dataclass(frozen=True)
 class Layout:
     root: Path
+    home: Path | None = None  # the repository of a DVC temp workspace (default: root)
+
+    @property
+    def shared(self) -> Path:
+        """Where the MLflow store and a relative ray.storage_path live: the repository, also for DVC's temp workspaces."""
+        return self.home or self.root
 
     # ---- inputs and bookkeeping
     @property
@@ -32,11 +50,11 @@ class Layout:
 
     @property
     def mlflow_db(self) -> Path:
-        return self.root / "mlflow.db"
+        return self.shared / "mlflow.db"
 
     @property
     def mlflow_artifacts(self) -> Path:
-        return self.root / "mlartifacts"
+        return self.shared / "mlartifacts"
 
     def show(self, path: Path) -> str:
         """A path as the user reads it: relative to the repository root."""
@@ -44,7 +62,7 @@ class Layout:
 
     def ray_storage(self, storage_path: str) -> str:
         """Ray's checkpoint store: an absolute local path, or a URI (s3://, gs://) as given."""
-        return storage_path if "://" in storage_path else str((self.root / storage_path).resolve())
+        return storage_path if "://" in storage_path else str((self.shared / storage_path).resolve())
 
     # ---- data and models
     def prepared(self, dataset: str) -> Path:
@@ -145,4 +163,4 @@ def make_parents(*paths: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
 
 
-paths = Layout(ROOT)
+paths = Layout(*_roots())

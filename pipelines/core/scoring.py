@@ -40,7 +40,7 @@ class Scorer:
         real = balanced_subset(train_set, self.per_class, seed=self.seed)
         return self._judge(real.as_float(), real.labels, 0.0)
 
-    def model(self, model, schedule, sampler: Sampler, per_class: int | None = None) -> Judged:
+    def model(self, model, schedule, sampler: Sampler, per_class: int | None = None, progress: bool = True) -> Judged:
         start = time.perf_counter()
         s = self.sample
         images, labels = generate(
@@ -53,6 +53,7 @@ class Scorer:
             batch_size=s.batch_size,
             precision=s.precision,
             compile=s.compile,
+            progress=progress,
         )
         return self._judge(images, labels, time.perf_counter() - start)
 

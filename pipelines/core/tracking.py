@@ -223,14 +223,28 @@ def log_missing(run_id: str, name: str, points: list[tuple[int, float]]) -> int:
     return len(missing)
 
 
-def log_trial(trial: results.TuneTrial, curves: dict[str, list[tuple[int, float]]], tags: dict[str, str]) -> None:
-    """One Tune trial as a child run of the active (tune) run: its config and its curves."""
+def log_trial(trial: results.TuneTrial, curves: dict[str, list[tuple[int, float]]], tags: dict[str, str]) -> bool:
+    """One Tune trial as a child run of the active (tune) run: its config and its curves.
+
+    tags must hold `tune_experiment` and `tune_trial_id`: a trial that a finished run already holds (a
+    restored search returns the trials of the run that was interrupted too) is skipped; returns False.
+    """
     parent = mlflow.active_run()
+    logged = f"tags.tune_experiment = '{tags['tune_experiment']}' and tags.tune_trial_id = '{tags['tune_trial_id']}'"
+    if client().search_runs([parent.info.experiment_id], f"{logged} and attributes.status = 'FINISHED'"):
+        return False
     tags = {**tags, "git_commit": parent.data.tags.get("git_commit", "unknown")}
     with mlflow.start_run(run_name=f"trial-{trial.trial}", nested=True, tags=tags) as child:
         mlflow.log_params({"r": trial.r, "alpha": trial.alpha, "lr": trial.lr})
         for name, points in curves.items():
             log_curve(child.info.run_id, name, points)
+    return True
+
+
+def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
+    mlflow_client = MlflowClient(uri) if uri else client()
+    for key, value in tags.items():
+        mlflow_client.set_tag(run_id, key, value)
 
 
 def register(name: str, run_id: str, artifact_path: str, tags: dict) -> str:

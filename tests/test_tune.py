@@ -1,0 +1,177 @@
+"""tune@D: a search killed (SIGKILL) after some trials finished resumes where it stopped and ends with the
+trials and best config of an uninterrupted search, each trial in MLflow once; a judge objective with
+Optuna's TPE reports at ASHA's rungs."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from cdiff import results
+from tests.helpers import make_project, run
+
+pytestmark = pytest.mark.slow
+SAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A one-domain tiny project with its base, data and judge, and trials run one at a time."""
+    work = tmp_path_factory.mktemp("tune")
+
+    def edit(params):
+        del params["data"]["domains"]["rotated"]
+        params["tune"].update(num_samples=SAMPLES, max_concurrent=1, steps_per_trial=20, eval_every=5, grace_period=5)
+
+    env = make_project(work, edit)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # Ray's socket paths must stay short
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    run(["dvc", "repro", "pretrain", "prepare@inverted", "judge@inverted"], work, env)
+    yield work, env
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def set_tune(work: Path, storage: str, **tune) -> None:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["ray"]["storage_path"] = storage
+    params["tune"].update(tune)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def tune_stage(work: Path, env: dict) -> str:
+    out = run([sys.executable, "-m", "pipelines.tune", "inverted"], work, env, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def experiment(storage: Path) -> Path:
+    (found,) = storage.glob("tune-*")
+    return found
+
+
+def trial_states(storage: Path) -> dict[str, str]:
+    """trial id -> status, from the newest experiment state Tune has written to ray.storage_path."""
+    for state in sorted(storage.glob("tune-*/experiment_state-*.json"), reverse=True):
+        try:
+            data = json.loads(state.read_text())
+        except (OSError, ValueError):  # being replaced
+            return {}
+        return {t["trial_id"]: t["status"] for t in (json.loads(raw) for raw, _ in data["trial_data"])}
+    return {}
+
+
+def result_files(storage: Path) -> dict[str, tuple[int, int]]:
+    """trial id -> (mtime_ns, size) of its result.json."""
+    out = {}
+    for f in storage.glob("tune-*/_trial_*/result.json"):
+        stat = f.stat()
+        out[f.parent.name.split("_")[2] + "_" + f.parent.name.split("_")[3]] = (stat.st_mtime_ns, stat.st_size)
+    return out
+
+
+def mlflow_trials(work: Path, env: dict, name: str) -> list[dict]:
+    code = f"""
+import json, mlflow
+mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
+runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="tags.tune_experiment = '{name}'")
+cols = ["tags.tune_trial_id", "tags.mlflow.parentRunId", "status", "params.r", "params.lr"]
+print(json.dumps(runs[cols].to_dict("records")))
+"""
+    return json.loads(run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
+
+
+def kill_when(work: Path, env: dict, storage: Path, finished: int) -> dict[str, str]:
+    """Start the tune stage, SIGKILL it and every process it started once `finished` trials are on disk."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.tune", "inverted"],
+        cwd=work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while True:
+            states = trial_states(storage)
+            if sum(s == "TERMINATED" for s in states.values()) >= finished:
+                break
+            assert proc.poll() is None and time.time() < deadline, f"the search ended or stalled: {states}"
+            time.sleep(0.05)
+    finally:
+        tree = [proc, *psutil.Process(proc.pid).children(recursive=True)] if proc.poll() is None else []
+        for p in tree:  # the stage, Ray's processes and the trial's worker, each by its id
+            try:
+                p.kill() if isinstance(p, psutil.Process) else os.kill(p.pid, signal.SIGKILL)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        proc.wait()
+    return states
+
+
+def test_killed_search_resumes_to_the_uninterrupted_result(project):
+    work, env = project
+    set_tune(work, "ray_whole")
+    tune_stage(work, env)
+    whole = {f: (work / "tune/inverted" / f).read_bytes() for f in ("best.json", "trials.json")}
+
+    storage = work / "ray_resumed"
+    set_tune(work, storage.name)
+    states = kill_when(work, env, storage, finished=2)
+    done = {t for t, s in states.items() if s == "TERMINATED"}
+    assert len(done) < SAMPLES, f"the search finished before it was killed: {states}"
+    before = result_files(storage)
+
+    out = tune_stage(work, env)  # restores the search: the finished trials are not run again
+    assert "best of 4 trials" in out
+    after = trial_states(storage)
+    assert len(after) == SAMPLES and set(after.values()) == {"TERMINATED"} and done <= set(after)
+    now = result_files(storage)
+    assert {t: now[t] for t in done} == {t: before[t] for t in done}
+    assert {f: (work / "tune/inverted" / f).read_bytes() for f in whole} == whole  # same trials, same best
+
+    name = experiment(storage).name
+    logged = mlflow_trials(work, env, name)
+    assert sorted(r["tags.tune_trial_id"] for r in logged if r["tags.tune_trial_id"] in after) == sorted(after)
+
+    tune_stage(work, env)  # the whole search is on disk: nothing trains, and MLflow gets no trial twice
+    assert result_files(storage) == now
+    again = mlflow_trials(work, env, name)
+    assert sorted(r["tags.tune_trial_id"] for r in again) == sorted(r["tags.tune_trial_id"] for r in logged)
+
+
+def test_a_judge_objective_with_tpe_reports_at_the_rungs(project):
+    work, env = project
+    tune = dict(objective="fid", search="tpe", num_samples=3, objective_per_class=2, objective_sampler="ddim-5")
+    set_tune(work, "ray_fid", **tune)
+    out = tune_stage(work, env)
+    assert "; fid " in out
+    best = results.load(work / "tune/inverted/best.json", results.TuneTrial)
+    trials = results.load(work / "tune/inverted/trials.json", results.TuneTrials).trials
+    assert best.objective == "fid" and best.score == min(t.score for t in trials)
+    start = trials[0]  # the domain's own config comes first, with TPE too
+    assert (start.r, start.alpha, start.lr) == (2, 2.0, 0.003)
+    name = experiment(work / "ray_fid").name
+    assert len(mlflow_trials(work, env, name)) == 3
+    code = f"""
+import json, mlflow
+from mlflow.tracking import MlflowClient
+mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
+c = MlflowClient()
+runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="tags.tune_experiment = '{name}'")
+run_id = runs[(runs["params.r"] == "2") & (runs["params.lr"] == "0.003")]["run_id"].iloc[0]
+print(json.dumps({{k: [m.step for m in c.get_metric_history(run_id, k)] for k in ("fid", "gan_test", "val_loss")}}))
+"""
+    curves = json.loads(run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
+    steps = sorted(curves["val_loss"])
+    assert steps == sorted(curves["fid"]) == sorted(curves["gan_test"])
+    assert set(steps) <= {5, 10, 20} and 5 in steps  # ASHA's rungs (grace 5, factor 2) and the last step only
