@@ -126,6 +126,11 @@ def test_console_shows_one_summary_per_stage_and_none_of_rays_noise(project):
 
 def test_mlflow_runs_registry_and_aliases(project):
     work, env, _ = project
+    # the embedded store keeps its artefacts in the repository's mlartifacts/ (gitignored, and excluded
+    # from cluster.yaml's rsync), not in an mlruns/ of MLflow's own choosing
+    assert list((work / "mlartifacts").rglob("model.safetensors"))
+    assert list((work / "mlartifacts").rglob("adapter_model.safetensors"))
+    assert not (work / "mlruns").exists()
     code = f"""
 import json, mlflow
 from mlflow.tracking import MlflowClient
