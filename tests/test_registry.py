@@ -268,3 +268,31 @@ def test_mlflow_models_serve_answers_with_the_pixels_of_cdiff_sample(store, tmp_
     images = np.stack(served[0])[:, None].astype(np.float32) / 255 * 2 - 1  # (N, 1, H, W) in [-1, 1]
     drawn = grid_image(torch.from_numpy(images), ["one"], 3, title=f"{SAMPLER}, seed 7")
     assert np.array_equal(_pixels(out), np.asarray(drawn.convert("RGB")))
+
+
+def test_compare_lists_every_registered_version_with_its_aliases(store, tmp_path):
+    import shutil
+
+    from pipelines.core import tracking
+    from pipelines.core.config import load_params
+    from tests.helpers import ROOT
+
+    shutil.copy(ROOT / "tests" / "tiny_params.yaml", tmp_path / "params.yaml")  # mlflow: cdiff-base, cdiff-adapter-
+    rows = tracking.registry_versions(load_params(tmp_path / "params.yaml"))
+    assert [(r["model"], r["version"], r["aliases"]) for r in rows] == [
+        ("cdiff-adapter-digits", 1, ""),
+        ("cdiff-adapter-digits", 2, "champion"),
+        ("cdiff-adapter-foreign", 1, "champion"),
+        ("cdiff-adapter-letters", 1, "champion"),
+        ("cdiff-base", 1, "adapters"),
+        ("cdiff-base", 2, ""),
+    ]
+    assert [r["fid"] for r in rows[:2]] == [5.0, 3.0] and rows[0]["r"] == "2"
+    only = tracking.registry_versions(load_params(tmp_path / "params.yaml"), "digits")
+    assert [r["model"] for r in only] == ["cdiff-adapter-digits"] * 2 + ["cdiff-base"] * 2
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.compare"], cwd=tmp_path, env=store.env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    listed = out.stdout.split("registered versions", 1)[1]
+    assert all(f"{r['model']} " in listed for r in rows) and listed.count("champion") == 3, listed

@@ -429,28 +429,31 @@ def resolve_uri(uri: str, kind: str | None) -> Path:
     return folders[key]
 
 
-def registry_versions(p: Params) -> list[dict]:
-    """Every registered version of the base and of each domain's adapter, with its aliases and tags."""
-    setup(p)
+def registry_versions(p: Params, domain: str | None = None) -> list[dict]:
+    """Every registered version of the base and of each domain's adapter (or of one domain's), with its
+    aliases and the tags the stages set (FID, val loss, rank, alpha), in name and version order."""
+    check_server(tracking_uri())
     mlflow_client = client()
-    rows = []
     prefix = p.mlflow.adapter_model_prefix
-    for model in sorted(mlflow_client.search_registered_models(max_results=1000), key=lambda m: m.name):
-        if model.name != p.mlflow.base_model_name and not model.name.startswith(prefix):
+    wanted = (lambda n: n == prefix + domain) if domain else (lambda n: n.startswith(prefix))
+    rows = []
+    for model in mlflow_client.search_registered_models(max_results=1000):
+        if model.name != p.mlflow.base_model_name and not wanted(model.name):
             continue
-        aliases = {}
+        aliases: dict[str, list[str]] = {}
         for alias, number in model.aliases.items():
             aliases.setdefault(str(number), []).append(alias)
         for mv in mlflow_client.search_model_versions(f"name = '{model.name}'"):
+            tags = mv.tags
             rows.append(
                 {
                     "model": model.name,
                     "version": int(mv.version),
                     "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                    "fid": float(mv.tags["fid"]) if "fid" in mv.tags else None,
-                    "val_loss": float(mv.tags["val_loss"]) if "val_loss" in mv.tags else None,
-                    "r": mv.tags.get("r"),
-                    "alpha": mv.tags.get("alpha"),
+                    "fid": float(tags["fid"]) if "fid" in tags else None,
+                    "val_loss": float(tags["val_loss"]) if "val_loss" in tags else None,
+                    "r": tags.get("r"),
+                    "alpha": tags.get("alpha"),
                     "run_id": mv.run_id or "",
                 }
             )
