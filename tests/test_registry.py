@@ -296,3 +296,30 @@ def test_compare_lists_every_registered_version_with_its_aliases(store, tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     listed = out.stdout.split("registered versions", 1)[1]
     assert all(f"{r['model']} " in listed for r in rows) and listed.count("champion") == 3, listed
+
+
+def test_pyproject_registers_the_resolvers_the_fallback_names():
+    """An install made by `pip install -e .` finds the resolvers by entry point; an older one by the fallback."""
+    import tomllib
+
+    from cdiff import sources
+    from pipelines.core.tracking import resolve_uri
+    from tests.helpers import ROOT
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["entry-points"][sources.GROUP] == sources.UNREGISTERED
+    assert [sources.resolver_for(scheme)[0] for scheme in sources.UNREGISTERED] == [resolve_uri, resolve_uri]
+
+
+def test_the_library_imports_no_mlflow_for_folders(tmp_path, tiny_model):
+    from cdiff.checkpoint import save_model
+    from cdiff.config import DiffusionConfig
+
+    save_model(tiny_model, DiffusionConfig(timesteps=20), tmp_path / "model")
+    code = (
+        "import sys; from cdiff.cli import main; "
+        f"assert main(['info', {str(tmp_path / 'model')!r}]) == 0; "
+        "assert not any(m.split('.')[0] in ('mlflow', 'ray', 'dvc', 'pipelines') for m in sys.modules), 'imported'"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
