@@ -18,6 +18,7 @@ from cdiff.lora import ADAPTER, read_adapter
 from cdiff.model import UNet
 from cdiff.names import check_class_names
 from cdiff.schedule import NoiseSchedule
+from cdiff.sources import is_uri, resolve
 from cdiff.weights import check_fits, load_weights_folder, on_meta, read_folder_config, save_weights_folder
 
 MODEL = Artefact("model folder", folder=True, marker="config.json", format="cdiff-model", weights="model.safetensors")
@@ -41,7 +42,8 @@ def save_model(model: UNet, diffusion: DiffusionConfig, path, extra: dict | None
 
 
 def read_model_config(path) -> dict:
-    """config.json of a model folder, every field cdiff reads checked (one-line errors naming the field)."""
+    """config.json of a model folder (or URI), every field cdiff reads checked (one-line errors naming the field)."""
+    path = resolve(path, "model")
     config = read_folder_config(MODEL, path)
     _parse(config, path)
     return config
@@ -91,8 +93,10 @@ def check_device(name) -> torch.device:
 
 
 def load_model(path, device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
-    """Load a model folder: (unet in eval mode, its noise schedule, its config.json as a dict)."""
+    """Load a model folder, or a model URI (cdiff.sources: `models:/cdiff-base@adapters`): (unet in eval mode,
+    its noise schedule, its config.json as a dict)."""
     device = check_device(device)
+    path = resolve(path, "model")
     tensors, config, model_config, diffusion, names = _load_checked(path)
     model = UNet(model_config, names)
     model.load_state_dict(tensors, strict=True)
@@ -100,14 +104,16 @@ def load_model(path, device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
 
 
 def describe(path) -> dict:
-    """Metadata of a model or adapter folder, for `cdiff info`: checked as thoroughly as a load."""
-    path = Path(path).expanduser()
+    """Metadata of a model or adapter folder (or URI), for `cdiff info`: checked as thoroughly as a load."""
+    source = {"source": path} if is_uri(path) else {}
+    path = resolve(path)
     if not path.exists():
         raise CdiffError(f"path not found: {display_path(path)}")
     if not path.is_dir():
         raise CdiffError(f"{display_path(path)} is a file: give a model or adapter folder")
     if (path / ADAPTER.marker).exists():
         tensors, config = read_adapter(path)
-        return {"kind": "adapter", "path": str(path), "parameters": sum(t.numel() for t in tensors.values()), **config}
-    tensors, config, *_ = _load_checked(path)
-    return {"kind": "model", "path": str(path), "parameters": sum(t.numel() for t in tensors.values()), **config}
+        kind = "adapter"
+    else:
+        kind, (tensors, config, *_) = "model", _load_checked(path)
+    return {"kind": kind, **source, "path": str(path), "parameters": sum(t.numel() for t in tensors.values()), **config}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from cdiff.errors import CdiffError
 from cdiff.samplers import KINDS
+from cdiff.sources import is_uri
 
 EXAMPLES = """examples:
   cdiff train --source sklearn-digits --steps 300 -o models/digits
@@ -20,7 +21,11 @@ EXAMPLES = """examples:
   cdiff sample models/base --adapter adapters/digits --sampler ddim --steps 50 --guidance 2 -o digits.png
   cdiff info adapters/digits
   cdiff merge models/base adapters/digits -o models/base-digits
+  cdiff sample models:/cdiff-base@adapters --adapter models:/cdiff-adapter-digits@champion -o champion.png
   cdiff compare                      # every domain of the last `dvc repro`: FID, GAN-test, goals
+
+A model or adapter is a folder or an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION,
+runs:/RUN_ID/PATH), read from MLFLOW_TRACKING_URI (else the project's mlflow.db) and checked as a folder is.
 
 Outputs never replace what they are not: a model folder replaces a model folder only with --overwrite,
 and no command writes onto its own inputs, a folder of other files, a device or a link.
@@ -54,6 +59,11 @@ def _path(text: str) -> Path:
     return Path(text).expanduser()
 
 
+def _source(text: str) -> str | Path:
+    """A model or adapter: a URI (models:/..., kept as text for its resolver) or a folder path."""
+    return text if is_uri(text) else _path(text)
+
+
 _positive_int = _bounded(int, 1, 10**9)
 _seed = _bounded(int, 0, 2**32 - 1)
 
@@ -80,8 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a labelled PNG grid from a model (optionally with an adapter)",
         description="Generate N images per class and write them as a labelled PNG grid (one row per class).",
     )
-    s.add_argument("model", type=_path, help="model folder (config.json + model.safetensors)")
-    s.add_argument("--adapter", type=_path, help="LoRA adapter folder to apply (merged for zero-overhead sampling)")
+    s.add_argument("model", type=_source, help="model folder (config.json + model.safetensors) or model URI")
+    s.add_argument(
+        "--adapter", type=_source, help="LoRA adapter folder or URI to apply (merged for zero-overhead sampling)"
+    )
     s.add_argument(
         "--class",
         dest="classes",
@@ -118,15 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a model's or adapter's metadata as JSON",
         description="Print the metadata of a model folder or an adapter folder as JSON.",
     )
-    i.add_argument("path", type=_path, help="model or adapter folder")
+    i.add_argument("path", type=_source, help="model or adapter folder, or its URI (models:/NAME@ALIAS, ...)")
 
     m = sub.add_parser(
         "merge",
         help="fold an adapter into its base and write a standalone model",
         description="Merge a LoRA adapter into its base model and write the result as a new model folder.",
     )
-    m.add_argument("model", type=_path, help="base model folder")
-    m.add_argument("adapter", type=_path, help="adapter folder trained on that base")
+    m.add_argument("model", type=_source, help="base model folder or URI")
+    m.add_argument("adapter", type=_source, help="adapter folder or URI, trained on that base")
     m.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing model folder at the output path")
 
@@ -214,19 +226,32 @@ def _say(text: str) -> None:
 def cmd_sample(args) -> None:
     from cdiff.checkpoint import load_model
     from cdiff.grid import sample_grid
-    from cdiff.io import PNG, check_output
+    from cdiff.io import PNG
     from cdiff.lora import load_adapter, merge_lora
     from cdiff.samplers import Sampler
 
     sampler = Sampler.of(args.sampler, args.steps, args.eta, args.guidance)
-    check_output(args.output, PNG, inputs=[args.model, args.adapter])  # before minutes of sampling, not after
-    model, schedule, _ = load_model(args.model, args.device)
-    if args.adapter is not None:
-        load_adapter(model, args.adapter)
+    model_dir, adapter_dir = _resolved(args.output, PNG, args.model, args.adapter)  # before minutes of sampling
+    model, schedule, _ = load_model(model_dir, args.device)
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
         merge_lora(model)
     ids = model.prompt.class_ids(args.classes) if args.classes else list(range(len(model.class_names)))
     sample_grid(args.output, model, schedule, sampler, ids, args.n, seed=args.seed, device=args.device)
     _say(f"wrote {args.output} ({len(ids) * args.n} images, {sampler})")
+
+
+def _resolved(output, artefact, model, adapter, *, overwrite=False) -> tuple[Path, Path | None]:
+    """The local folders of a model and an adapter (URIs resolved: downloaded, for MLflow's), with the output
+    path checked before any download and again after: never onto, into or above an input or a downloaded folder."""
+    from cdiff.io import check_output
+    from cdiff.sources import resolve
+
+    check_output(output, artefact, overwrite=overwrite, inputs=[s for s in (model, adapter) if not is_uri(s)])
+    model_dir = resolve(model, "model")
+    adapter_dir = resolve(adapter, "adapter") if adapter is not None else None
+    check_output(output, artefact, overwrite=overwrite, inputs=[model_dir, adapter_dir])
+    return model_dir, adapter_dir
 
 
 def cmd_info(args) -> None:
@@ -237,12 +262,11 @@ def cmd_info(args) -> None:
 
 def cmd_merge(args) -> None:
     from cdiff.checkpoint import MODEL, load_model, save_model
-    from cdiff.io import check_output
     from cdiff.lora import load_adapter, merge_and_unload
 
-    check_output(args.output, MODEL, overwrite=args.overwrite, inputs=[args.model, args.adapter])
-    model, schedule, config = load_model(args.model)
-    load_adapter(model, args.adapter)
+    model_dir, adapter_dir = _resolved(args.output, MODEL, args.model, args.adapter, overwrite=args.overwrite)
+    model, schedule, config = load_model(model_dir)
+    load_adapter(model, adapter_dir)
     merge_and_unload(model)
     fp = save_model(
         model,

@@ -10,12 +10,17 @@ from cdiff.io import PNG, atomic_write, check_finite, display_path
 from cdiff.samplers import Sampler, sample
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """images (N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8: the pixels of every grid and served image."""
+    return (((images.detach().cpu() + 1) / 2).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
 def grid_image(
     images: torch.Tensor, row_labels: list[str], per_row: int, scale: int = 2, title: str | None = None
 ) -> Image.Image:
     """images (N, C, H, W) in [-1, 1], N = len(row_labels) * per_row -> a PIL image with a label column."""
-    grid = make_grid((images.cpu() + 1) / 2, nrow=per_row, padding=2, pad_value=1.0)  # (3, H', W')
-    picture = Image.fromarray((grid.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
+    grid = make_grid(to_uint8(images).permute(0, 3, 1, 2), nrow=per_row, padding=2, pad_value=255)  # (3, H', W')
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
     picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
     font = ImageFont.load_default()
     label_width = 8 + max((int(font.getlength(s)) for s in row_labels), default=0)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from cdiff.errors import CdiffError
+from cdiff.sources import origin
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,14 @@ _SPECIAL = {
 
 
 def display_path(path) -> str:
-    """A path for messages: relative ones say what they were resolved against; undecodable bytes escaped."""
+    """A path for messages: relative ones say what they were resolved against, downloaded ones the URI they
+    came from (cdiff.sources); undecodable bytes escaped."""
     text = str(path)
     if not os.path.isabs(text):
         with contextlib.suppress(OSError):
             text = f"{text} (relative to {os.getcwd()})"
+    elif uri := origin(path):
+        text = f"{text} (from {uri})"
     text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # undecodable bytes of a file name
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # a newline in a name stays one line
 

@@ -21,6 +21,7 @@ from cdiff.errors import CdiffError
 from cdiff.io import Artefact, display_path, fingerprint
 from cdiff.model import UNet
 from cdiff.names import check_class_names
+from cdiff.sources import resolve
 from cdiff.weights import check_fits, load_weights_folder, on_meta, read_folder_config, save_weights_folder
 
 # version 2: adapter_config.json carries a fingerprint of the adapter's own tensors
@@ -284,7 +285,8 @@ def _parse(config: dict, path) -> AdapterConfig:
 
 
 def read_adapter_config(path) -> dict:
-    """adapter_config.json of an adapter folder, every field checked (one-line errors naming the field)."""
+    """adapter_config.json of an adapter folder (or URI), every field checked (one-line errors naming the field)."""
+    path = resolve(path, "adapter")
     config = read_folder_config(ADAPTER, path)
     _parse(config, path)
     return config
@@ -293,7 +295,7 @@ def read_adapter_config(path) -> dict:
 def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config) of an adapter folder, checked without a model: the config's fields, the tensors'
     fingerprint and finiteness, and that they fit the base architecture the config names (on the meta device)."""
-    path = Path(path).expanduser()
+    path = resolve(path, "adapter")
     config = read_folder_config(ADAPTER, path)
     parsed = _parse(config, path)
     tensors, _ = load_weights_folder(ADAPTER, path, config)
@@ -312,12 +314,13 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def load_adapter(model, path) -> list[str]:
-    """Load an adapter onto its base model (unloading any current one first); refuses a foreign base.
+    """Load an adapter folder, or an adapter URI (cdiff.sources: `models:/cdiff-adapter-digits@champion`),
+    onto its base model (unloading any current one first); refuses a foreign base.
 
     Every check runs before the model is changed: a refused adapter leaves the model exactly as it was
     (weights, modules, class names and any adapter it carried).
     """
-    path = Path(path).expanduser()
+    path = resolve(path, "adapter")
     tensors, config = read_adapter(path)
     parsed = _parse(config, path)
     if to_dict(parsed.base_model) != to_dict(model.config):

@@ -2,7 +2,9 @@
 
 One row per finetune run (rank, alpha, lr, trainable parameters, losses, judge FID and GAN-test
 accuracy, each with its seeded bootstrap 95% interval), read from the result records logged on each run,
-lowest FID first within each domain: two adapters whose intervals overlap are a tie.
+lowest FID first within each domain: two adapters whose intervals overlap are a tie. Then every registered
+version of the base and the adapters with its aliases (`champion`, `adapters`), the URIs `cdiff` and
+`mlflow models serve` take.
 The MLflow UI's compare view shows the same runs side by side.
 """
 
@@ -14,6 +16,8 @@ from cdiff.results import DomainEvaluation, FinetuneResult
 from pipelines.core import tracking
 from pipelines.core.config import params
 from pipelines.core.console import stage
+
+VERSION_COLUMNS = ["model", "version", "aliases", "fid", "val_loss", "r", "alpha", "run_id"]
 
 
 def row(run: dict, ft: FinetuneResult | None, ev: DomainEvaluation | None) -> dict:
@@ -52,9 +56,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", help="only this domain")
     args = parser.parse_args()
-    table = adapters_table(tracking.stage_runs(params(), "finetune", args.domain))
+    p = params()
+    table = adapters_table(tracking.stage_runs(p, "finetune", args.domain))
+    versions = pd.DataFrame(tracking.registry_versions(p, args.domain), columns=VERSION_COLUMNS)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
+        print("\nregistered versions (models:/MODEL/VERSION, or models:/MODEL@ALIAS):")
+        print(versions.to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def main(name: str) -> None:
         tracking.log_files(paths.adapter(name), "adapter")
         model_name = p.mlflow.adapter_model_prefix + name
         tags = {"r": lora.r, "alpha": lora.alpha, "val_loss": val, "base_fingerprint": fp}
-        version = tracking.register(model_name, run_id, "adapter", tags)
+        version = tracking.log_servable(model_name, paths.base_model, paths.adapter(name), p.sampler, tags)
         tracking.set_base_alias(p, fp)
         tracking.save_run_record(paths.finetune_run(name), run_id, version)
     made = f"adapter r={lora.r} alpha={lora.alpha:g} lr={cfg.lr:.2e}, {trainable} trainable params"

@@ -36,7 +36,9 @@ def main() -> None:
         tracking.log_result(result)
         tracking.log_files(paths.base_model, "model")
         tracking.log_files(paths.base_grid, "samples")
-        version = tracking.register(p.mlflow.base_model_name, run_id, "model", {"fingerprint": fp})
+        version = tracking.log_servable(
+            p.mlflow.base_model_name, paths.base_model, None, p.sampler, {"fingerprint": fp}
+        )
         tracking.save_run_record(paths.pretrain_run, run_id, version, fp)
     where = f"{paths.show(paths.base_model)}, MLflow {p.mlflow.base_model_name} v{version}"
     summary(f"base model, {result.steps} steps", f"val loss {result.val_loss:.4f}", where)

@@ -173,6 +173,11 @@ print(json.dumps(out))
     }
     table = _run([sys.executable, "-m", "pipelines.compare"], work, env)
     assert "inverted" in table and "rotated" in table and "fid_adapter" in table
+    # the stages registered servable models: the CLI reads them back from the project's store
+    cache = {**env, "CDIFF_CACHE": str(work / "cache")}
+    for uri, kind in (("models:/cdiff-base@adapters", "model"), ("models:/cdiff-adapter-rotated@champion", "adapter")):
+        described = json.loads(_run([sys.executable, "-m", "cdiff", "info", uri], work, cache))
+        assert (described["kind"], described["source"]) == (kind, uri)
 
 
 def test_second_repro_is_a_noop_and_status_clean(project):

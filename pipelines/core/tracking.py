@@ -11,7 +11,10 @@ import contextlib
 import json
 import logging
 import os
+import re
+import shutil
 import subprocess
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,9 +26,14 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
+import cdiff
 from cdiff import results
+from cdiff.checkpoint import read_model_config
 from cdiff.config import from_dict, to_dict
 from cdiff.errors import CdiffError
+from cdiff.io import Artefact, atomic_dir, read_json, write_json
+from cdiff.lora import read_adapter_config
+from cdiff.samplers import Sampler
 from pipelines.core.config import Params
 from pipelines.core.layout import paths
 
@@ -247,15 +255,41 @@ def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
         mlflow_client.set_tag(run_id, key, value)
 
 
-def register(name: str, run_id: str, artifact_path: str, tags: dict) -> str:
-    """Register the run's artifact folder as a new version of `name`; returns the version."""
+def log_servable(name: str, base: Path, adapter: Path | None, sampler: Sampler, tags: dict) -> str:
+    """Log the base (with `adapter`, if given) as a pyfunc model on the active run (pipelines/core/serving.py,
+    both folders bundled) and register it as a new version of `name`; returns the version."""
+    from pipelines.core import serving
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file copied
+    folders = {serving.BASE: base} | ({serving.ADAPTER: adapter} if adapter is not None else {})
+    config = read_adapter_config(adapter) if adapter is not None else read_model_config(base)
+    example = serving.input_example((config.get("class_names") or ["0"])[0], sampler)
+    packages = ("mlflow", "torch", "torchvision", "safetensors", "pillow", "pandas")
+    requirements = [f"{n}=={version(n)}" for n in packages]
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {key: str(shutil.copytree(folder, Path(tmp) / key)) for key, folder in folders.items()}
+        info = mlflow.pyfunc.log_model(
+            name=serving.NAME,
+            python_model=serving.__file__,
+            artifacts=artifacts,
+            model_config={"sampler": to_dict(sampler)},
+            signature=serving.signature(sampler),
+            input_example=example,
+            pip_requirements=requirements,  # given, not inferred (which loads the model in a subprocess)
+            code_paths=[str(Path(cdiff.__file__).parent)],  # the cdiff that wrote the folders serves them
+        )
     mlflow_client = client()
     try:
         mlflow_client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         mlflow_client.create_registered_model(name)
-    source = f"{mlflow_client.get_run(run_id).info.artifact_uri}/{artifact_path}"
-    mv = mlflow_client.create_model_version(name, source, run_id=run_id, tags={k: str(v) for k, v in tags.items()})
+    mv = mlflow_client.create_model_version(
+        name,
+        info.model_uri,
+        run_id=mlflow.active_run().info.run_id,
+        tags={k: str(v) for k, v in tags.items()},
+        model_id=info.model_id,
+    )
     return mv.version
 
 
@@ -306,3 +340,135 @@ def run_origin(p: Params, run_id: str, folder: Path) -> tuple[str, dict[str, Pat
         except (mlflow.exceptions.MlflowException, OSError):
             pass
     return commit, files
+
+
+# ---- the registry as a source of models: cdiff's resolver of models:/ and runs:/ URIs -----------------
+
+DOWNLOAD = Artefact("MLflow download", folder=True, marker="cdiff-download.json", format="cdiff-mlflow-download")
+_MODELS = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+|latest))")
+_RUNS = re.compile(r"runs:/([^/]+)/(.+)")
+
+
+def cache_root() -> Path:
+    """Where downloaded models live: $CDIFF_CACHE, else $XDG_CACHE_HOME/cdiff, else ~/.cache/cdiff."""
+    if os.environ.get("CDIFF_CACHE"):
+        return Path(os.environ["CDIFF_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdiff"
+
+
+def _store(uri: str) -> str:
+    """The tracking URI to read `uri` from: one that exists (a sqlite file is never created by a lookup)."""
+    store = tracking_uri()
+    if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+        raise CdiffError(
+            f"{uri}: no MLflow store at {store}: set MLFLOW_TRACKING_URI to the one that holds it "
+            "(sqlite:////ABS/PATH/mlflow.db or http://HOST:PORT), or run in the project folder that holds mlflow.db"
+        )
+    check_server(store)
+    return store
+
+
+def _pin(mlflow_client: MlflowClient, uri: str) -> tuple[str, str]:
+    """(what to download, the cache key): an alias pinned to its version, keyed by the version's own run or
+    model id, so that a new version, or a new store reusing a name and number, is never served from the cache."""
+    if m := _MODELS.fullmatch(uri):
+        name, alias, number = m.groups()
+        if alias:
+            mv = mlflow_client.get_model_version_by_alias(name, alias)
+        elif number == "latest":
+            mv = max(mlflow_client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+        else:
+            mv = mlflow_client.get_model_version(name, number)
+        return f"models:/{name}/{mv.version}", _key("models", name, f"v{mv.version}-{mv.model_id or mv.run_id}")
+    if m := _RUNS.fullmatch(uri):
+        run_id, path = m.groups()
+        mlflow_client.get_run(run_id)  # a one-line error for a run that is not there
+        return uri, _key("runs", run_id, path)
+    raise CdiffError(f"{uri}: use models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/PATH")
+
+
+def _key(*parts: str) -> str:
+    """A cache path of plain names: nothing in a URI can point outside the cache."""
+    return "/".join(re.sub(r"[^A-Za-z0-9_-]", "_", part) for part in parts)
+
+
+def download(uri: str) -> Path:
+    """A local copy of what a models:/ or runs:/ URI names, from the cache when this version is there."""
+    store = _store(uri)
+    mlflow_client = MlflowClient(store, store)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:
+        source, key = _pin(mlflow_client, uri)
+        folder = cache_root() / "mlflow" / key
+        if not (folder / DOWNLOAD.marker).is_file():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with atomic_dir(folder, DOWNLOAD) as tmp:
+                    local = mlflow.artifacts.download_artifacts(source, dst_path=str(tmp), tracking_uri=store)
+                    marker = {"format": DOWNLOAD.format, "uri": source, "store": store}
+                    write_json(tmp / DOWNLOAD.marker, marker | {"path": str(Path(local).relative_to(tmp))})
+            except CdiffError:
+                if not (folder / DOWNLOAD.marker).is_file():  # not another process that got there first
+                    raise
+    except mlflow.exceptions.MlflowException as e:
+        raise CdiffError(f"{uri}: {(e.message.splitlines() or ['not found'])[0]} (MLflow store {store})") from e
+    return folder / read_json(folder / DOWNLOAD.marker, "MLflow download record")["path"]
+
+
+def bundle(uri: str) -> dict[str, Path]:
+    """The cdiff folders a URI holds: {'base': ..., 'adapter': ...} for a registered pyfunc model, else
+    {'folder': ...} for a plain folder (runs:/RUN_ID/adapter)."""
+    from mlflow.models import Model
+
+    folder = download(uri)
+    if not (folder / "MLmodel").is_file():
+        return {"folder": folder}
+    artifacts = Model.load(str(folder)).flavors.get("python_function", {}).get("artifacts", {})
+    return {key: folder / spec["path"] for key, spec in artifacts.items()}
+
+
+def resolve_uri(uri: str, kind: str | None) -> Path:
+    """cdiff's resolver of models:/ and runs:/ URIs (the cdiff.uri_resolvers entry points, cdiff.sources)."""
+    from pipelines.core import serving
+
+    folders = bundle(uri)
+    if "folder" in folders:
+        return folders["folder"]
+    kind = kind or ("adapter" if serving.ADAPTER in folders else "model")
+    if kind == "model" and serving.ADAPTER in folders:
+        raise CdiffError(f"{uri} is an adapter (with its base): give it as the adapter, and a base model beside it")
+    key = serving.ADAPTER if kind == "adapter" else serving.BASE
+    if key not in folders:
+        raise CdiffError(f"{uri} holds no {kind}: it is a base model")
+    return folders[key]
+
+
+def registry_versions(p: Params, domain: str | None = None) -> list[dict]:
+    """Every registered version of the base and of each domain's adapter (or of one domain's), with its
+    aliases and the tags the stages set (FID, val loss, rank, alpha), in name and version order."""
+    check_server(tracking_uri())
+    mlflow_client = client()
+    prefix = p.mlflow.adapter_model_prefix
+    wanted = (lambda n: n == prefix + domain) if domain else (lambda n: n.startswith(prefix))
+    rows = []
+    for model in mlflow_client.search_registered_models(max_results=1000):
+        if model.name != p.mlflow.base_model_name and not wanted(model.name):
+            continue
+        aliases: dict[str, list[str]] = {}
+        for alias, number in model.aliases.items():
+            aliases.setdefault(str(number), []).append(alias)
+        for mv in mlflow_client.search_model_versions(f"name = '{model.name}'"):
+            tags = mv.tags
+            rows.append(
+                {
+                    "model": model.name,
+                    "version": int(mv.version),
+                    "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
+                    "fid": float(tags["fid"]) if "fid" in tags else None,
+                    "val_loss": float(tags["val_loss"]) if "val_loss" in tags else None,
+                    "r": tags.get("r"),
+                    "alpha": tags.get("alpha"),
+                    "run_id": mv.run_id or "",
+                }
+            )
+    return sorted(rows, key=lambda r: (r["model"], r["version"]))
