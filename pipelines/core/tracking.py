@@ -255,6 +255,9 @@ def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
         mlflow_client.set_tag(run_id, key, value)
 
 
+_NOT_CODE = shutil.ignore_patterns("__pycache__", "*.pyc")
+
+
 def log_servable(name: str, base: Path, adapter: Path | None, sampler: Sampler, tags: dict) -> str:
     """Log the base (with `adapter`, if given) as a pyfunc model on the active run (pipelines/core/serving.py,
     both folders bundled) and register it as a new version of `name`; returns the version."""
@@ -268,6 +271,7 @@ def log_servable(name: str, base: Path, adapter: Path | None, sampler: Sampler, 
     requirements = [f"{n}=={version(n)}" for n in packages]
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {key: str(shutil.copytree(folder, Path(tmp) / key)) for key, folder in folders.items()}
+        code = shutil.copytree(Path(cdiff.__file__).parent, Path(tmp) / "code" / "cdiff", ignore=_NOT_CODE)
         info = mlflow.pyfunc.log_model(
             name=serving.NAME,
             python_model=serving.__file__,
@@ -276,7 +280,7 @@ def log_servable(name: str, base: Path, adapter: Path | None, sampler: Sampler, 
             signature=serving.signature(sampler),
             input_example=example,
             pip_requirements=requirements,  # given, not inferred (which loads the model in a subprocess)
-            code_paths=[str(Path(cdiff.__file__).parent)],  # the cdiff that wrote the folders serves them
+            code_paths=[str(code)],  # the cdiff that wrote the folders serves them
         )
     mlflow_client = client()
     try:
