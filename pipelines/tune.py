@@ -12,7 +12,7 @@ from cdiff import results
 from cdiff.checkpoint import load_model
 from cdiff.config import TrainConfig
 from cdiff.data import load_imageset
-from pipelines.core import distributed, tracking
+from pipelines.core import distributed, tracking, tuning
 from pipelines.core.config import params
 from pipelines.core.console import stage, summary
 from pipelines.core.jobs import Weights, job_for
@@ -44,7 +44,7 @@ def main(name: str) -> None:
     make_parents(paths.tune_best(name), paths.tune_trials(name))
     with tracking.stage_run(p, "tune", name):
         with distributed.session(p):
-            found = distributed.search(p, job, val_set, start, judge)
+            found = tuning.search(p, job, val_set, start, judge)
         for trial, curves, tags in found:
             tracking.log_trial(trial, curves, {**tags, "stage": "tune-trial", "domain": name})
         trials = [trial for trial, _, _ in found]
