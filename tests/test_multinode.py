@@ -138,13 +138,21 @@ def test_pipeline_runs_on_both_nodes_and_logs_through_the_server(project, cluste
     steps = [m.step for m in client.get_metric_history(pretrain.info.run_id, "loss")]
     assert steps == list(range(10, 401, 10))
     served = mlflow_root / "served"
-    assert list(served.rglob("model.safetensors")) and list(served.rglob("adapter_model.safetensors"))
+    assert list(served.rglob("model.safetensors")) and list(served.rglob("adapter.safetensors"))
     assert [v.version for v in client.search_model_versions("name = 'cdiff-base'")] == ["1"]
     assert [v.version for v in client.search_model_versions("name = 'cdiff-adapter-inverted'")] == ["1"]
 
     again = run(["dvc", "repro", "finetune@inverted"], work, env)
     assert "didn't change, skipping" in again and "Running stage" not in again
     assert len(_runs(uri, "pretrain")) == 1
+
+
+def _registered_checkpoint(run: Path) -> bool:
+    """A checkpoint Ray's controller has recorded (a checkpoint folder alone may still be being written)."""
+    try:
+        return bool(json.loads((run / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result"))
+    except (OSError, ValueError):
+        return False
 
 
 def _raylet(node) -> psutil.Process:
@@ -154,32 +162,50 @@ def _raylet(node) -> psutil.Process:
 
 
 def test_a_node_lost_mid_training_costs_a_restart_not_the_run(project, cluster, server):
-    """The second node's raylet is killed after the first checkpoint of a new pretraining: Ray Train restarts
-    the group on what is left (a third node joined; FailureConfig) from that checkpoint, and the stage ends
-    with the whole curve, nothing lost."""
+    """A new pretraining runs a worker on each node; after its first registered checkpoint a third node joins
+    and the second node's raylet is killed: Ray Train restarts the group on the nodes that are left
+    (FailureConfig) from that checkpoint, and the stage ends with the whole curve, nothing lost."""
     import yaml
 
     work, env, shared = project
     uri, _ = server
     c, second = cluster
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["train"]["base"]["steps"] = 300  # a new Ray run (its name hashes the job)
+    params["train"]["base"]["steps"] = 600  # a new Ray run (its name hashes the job), long enough to lose a node
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    c.add_node(num_cpus=1)
     log = work / "lost-node.log"
-    before = set(shared.glob("base-*/checkpoint_*"))
+    before = set(shared.glob("base-*"))
     with open(log, "w") as out:
         proc = subprocess.Popen(["dvc", "repro", "pretrain"], cwd=work, env=env, stdout=out, stderr=out)
     deadline = time.time() + 600
-    while not (set(shared.glob("base-*/checkpoint_*")) - before):
+    while not any(_registered_checkpoint(run) for run in set(shared.glob("base-*")) - before):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
+    third = c.add_node(num_cpus=1)  # room for the restarted group (1 CPU per worker)
     _raylet(second).kill()
     c.remove_node(second, allow_graceful=False)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert "resuming from the checkpoint at step" in log.read_text()
     last = max(_runs(uri, "pretrain"), key=lambda r: r.info.start_time)
     assert last.info.status == "FINISHED"
+    ran_on = set(json.loads(last.data.tags["ray_train_nodes"]))
+    assert {second.node_id, third.node_id} <= ran_on  # a worker was lost with the second node, one replaced it
     steps = [m.step for m in _client(uri).get_metric_history(last.info.run_id, "loss")]
-    assert steps == list(range(10, 301, 10))  # one continuous curve across the restart
+    assert steps == list(range(10, 601, 10))  # one continuous curve across the restart
     assert (work / "models" / "base" / "model.safetensors").is_file()
+
+
+def test_a_local_run_never_joins_a_cluster_found_running_on_the_machine(cluster, tmp_path):
+    """Without RAY_ADDRESS a stage starts a Ray instance of its own, even while another runs here (ray.init
+    with no address would join it, and refuse the stage's num_cpus)."""
+    code = """
+import ray
+from pipelines.core.config import load_params
+from pipelines.core.distributed import session
+p = load_params("tests/tiny_params.yaml")
+with session(p):
+    print("nodes", len(ray.nodes()), "cpus", ray.cluster_resources()["CPU"])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = run([sys.executable, "-c", code], Path(__file__).resolve().parents[1], env)
+    assert "nodes 1 cpus 2.0" in out

@@ -129,7 +129,7 @@ def test_mlflow_runs_registry_and_aliases(project):
     # the embedded store keeps its artefacts in the repository's mlartifacts/ (gitignored, and excluded
     # from cluster.yaml's rsync), not in an mlruns/ of MLflow's own choosing
     assert list((work / "mlartifacts").rglob("model.safetensors"))
-    assert list((work / "mlartifacts").rglob("adapter_model.safetensors"))
+    assert list((work / "mlartifacts").rglob("adapter.safetensors"))
     assert not (work / "mlruns").exists()
     code = f"""
 import json, mlflow

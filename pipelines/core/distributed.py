@@ -58,7 +58,13 @@ def session(p: Params):
     else:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local CPU DDP: gloo on loopback
         env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
-        ray.init(num_cpus=p.ray.num_cpus, include_dashboard=False, runtime_env=runtime_env, configure_logging=False)
+        ray.init(  # "local": a new instance of its own, never a `ray start` cluster found running on this machine
+            address="local",
+            num_cpus=p.ray.num_cpus,
+            include_dashboard=False,
+            runtime_env=runtime_env,
+            configure_logging=False,
+        )
     if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
     _drop_forwarded_noise()
