@@ -244,3 +244,41 @@ print(runs.sort_values("start_time")["run_id"].iloc[0])  # from the first repro,
     original = yaml.safe_load((ROOT / "tests" / "tiny_params.yaml").read_text())
     assert yaml.safe_load((tmp_path / "again" / "params.yaml").read_text()) == original
     assert "outputs identical to the run's dvc.lock: 1 (data/prepared/digits)" in out, out
+
+
+def test_queued_experiments_run_two_at_once_on_the_shared_stores(project):
+    """`dvc exp run --queue -S ...` twice, then `dvc queue start -j 2`: both experiments run side by side in
+    DVC's temp workspaces, log to the repository's mlflow.db and train in its ray_results/, and leave the
+    workspace as it was."""
+    import time
+
+    work, env, _ = project
+    _run(["git", "add", "-A"], work, env)  # the queue runs from the last commit: dvc.lock and params with it
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "repro"], work, env)
+    adapter = (work / "adapters" / "inverted" / "adapter.safetensors").read_bytes()
+    before = set((work / "ray_results").glob("lora-*"))
+    for steps in (12, 14):
+        _run(["dvc", "exp", "run", "--queue", "-S", f"train.lora.steps={steps}", "finetune@inverted"], work, env)
+    _run(["dvc", "queue", "start", "-j", "2"], work, env)
+    deadline = time.time() + 900
+    while True:
+        status = _run(["dvc", "queue", "status"], work, env)
+        if status.count("Success") == 2:
+            break
+        assert "Failed" not in status and time.time() < deadline, status
+        time.sleep(2)
+    _run(["dvc", "queue", "stop"], work, env)
+    code = f"""
+import json, mlflow
+mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
+runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="tags.stage = 'finetune' and tags.domain = 'inverted'")
+print(json.dumps(sorted(runs["params.train.lora.steps"].tolist())))
+"""
+    steps = json.loads(_run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
+    assert "12" in steps and "14" in steps  # both in the repository's store
+    assert len(set((work / "ray_results").glob("lora-*")) - before) == 2  # and in its Ray storage
+    shown = _run(["dvc", "exp", "show", "--csv"], work, env)
+    assert ",12," in shown and ",14," in shown
+    assert (work / "adapters" / "inverted" / "adapter.safetensors").read_bytes() == adapter
+    assert "up to date" in _run(["dvc", "status"], work, env)
+    assert not (work / "mlruns").exists()

@@ -102,10 +102,10 @@ def check_artifacts_inside(experiment: str, location: str) -> None:
     if parsed.scheme not in ("", "file"):
         return  # an object store the user chose for this experiment
     folder = Path(os.path.realpath(urllib.request.url2pathname(parsed.path)))
-    if not folder.is_relative_to(paths.root):
+    if not folder.is_relative_to(paths.shared):
         raise CdiffError(
             f"MLflow experiment {experiment!r} in {paths.show(paths.mlflow_db)} keeps its artefacts in {folder}, "
-            f"outside this project ({paths.root}): the project was copied or moved. Move {paths.show(paths.mlflow_db)} "
+            f"outside this project ({paths.shared}): the project was copied or moved. Move {paths.show(paths.mlflow_db)} "
             f"and {paths.show(paths.mlflow_artifacts)}/ aside to start a new store here, or set MLFLOW_TRACKING_URI "
             "to the store you mean"
         )
