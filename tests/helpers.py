@@ -1,9 +1,15 @@
 """A throwaway copy of the project in a temp git repo, for tests that run stages or `dvc repro`."""
 
+import contextlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -49,3 +55,47 @@ def make_project(work: Path, edit=None) -> dict:
     ):
         run(cmd, work, env)
     return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def registered_checkpoint(run: Path) -> bool:
+    """A checkpoint Ray's controller has recorded for a run folder (a checkpoint folder alone may still be
+    being written)."""
+    try:
+        return bool(json.loads((run / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result"))
+    except (OSError, ValueError):
+        return False
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, *artifacts: str):
+    """`mlflow server` on loopback with its store in root/server.db; `artifacts`: its artefact flags
+    (--default-artifact-root DIR, or --artifacts-destination DIR). Yields the tracking URI."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+        + ["--backend-store-uri", f"sqlite:///{root}/server.db", *artifacts],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
+            break
+        except OSError:
+            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+    try:
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)

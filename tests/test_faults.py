@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +22,8 @@ from cdiff.train import train
 from pipelines.core import distributed
 from pipelines.core.config import load_params
 from pipelines.core.jobs import job_for
-from tests.helpers import ROOT, make_project, run
+from tests.helpers import ROOT, free_port, make_project, registered_checkpoint, run
+from tests.helpers import mlflow_server as helpers_mlflow_server
 
 pytestmark = pytest.mark.slow
 
@@ -86,14 +86,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 def _registered_checkpoint(storage: Path) -> bool:
-    """A checkpoint Ray's controller has recorded (a checkpoint folder alone may still be being written)."""
-    for snapshot in storage.glob("base-*/checkpoint_manager_snapshot.json"):
-        try:
-            if json.loads(snapshot.read_text()).get("latest_checkpoint_result"):
-                return True
-        except (OSError, ValueError):
-            pass
-    return False
+    return any(registered_checkpoint(run) for run in storage.glob("base-*"))
 
 
 @pytest.fixture(scope="module")
@@ -197,12 +190,6 @@ print(json.dumps(sorted(m.step for m in MlflowClient().get_metric_history(done, 
     assert "up to date" in run(["dvc", "status", "pretrain"], work, env)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_mlflow_server_fails_fast_in_one_line(slow_project):
     work, env = slow_project
     before = set(work.glob("ray_results/*"))
@@ -210,7 +197,7 @@ def test_unreachable_mlflow_server_fails_fast_in_one_line(slow_project):
     out = run(
         [sys.executable, "-m", "pipelines.pretrain"],
         work,
-        {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"},
+        {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"},
         check=False,
     )
     assert out.returncode == 2
@@ -252,43 +239,8 @@ def _count_points(uri: str, experiment_id: str) -> list[tuple[str, int, int]]:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path}/server.db",
-            "--default-artifact-root",
-            str(tmp_path / "art"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    import urllib.request
-
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield uri
-    os.killpg(server.pid, signal.SIGTERM)
-    server.wait(30)
+    with helpers_mlflow_server(tmp_path, "--default-artifact-root", str(tmp_path / "art")) as uri:
+        yield uri
 
 
 def test_concurrent_tune_trials_lose_no_metric(tmp_path, mlflow_server, monkeypatch):

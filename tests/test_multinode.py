@@ -11,28 +11,18 @@ server, a second `dvc repro` is a no-op, and a node lost mid-training costs a re
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.helpers import make_project, run
+from tests.helpers import make_project, mlflow_server, registered_checkpoint, run
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,27 +46,8 @@ def cluster():
 def server(tmp_path_factory):
     """`mlflow server` on loopback; artefacts go through it into a folder only the server writes."""
     root = tmp_path_factory.mktemp("mlflow")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-        + ["--backend-store-uri", f"sqlite:///{root}/server.db", "--artifacts-destination", str(root / "served")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-    )
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2).read()
-            break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, "mlflow server did not start"
-            time.sleep(0.5)
-    yield uri, root
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(30)
+    with mlflow_server(root, "--artifacts-destination", str(root / "served")) as uri:
+        yield uri, root
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +118,6 @@ def test_pipeline_runs_on_both_nodes_and_logs_through_the_server(project, cluste
     assert len(_runs(uri, "pretrain")) == 1
 
 
-def _registered_checkpoint(run: Path) -> bool:
-    """A checkpoint Ray's controller has recorded (a checkpoint folder alone may still be being written)."""
-    try:
-        return bool(json.loads((run / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result"))
-    except (OSError, ValueError):
-        return False
-
-
 def _raylet(node) -> psutil.Process:
     import ray._private.ray_constants as rc
 
@@ -178,7 +141,7 @@ def test_a_node_lost_mid_training_costs_a_restart_not_the_run(project, cluster, 
     with open(log, "w") as out:
         proc = subprocess.Popen(["dvc", "repro", "pretrain"], cwd=work, env=env, stdout=out, stderr=out)
     deadline = time.time() + 600
-    while not any(_registered_checkpoint(run) for run in set(shared.glob("base-*")) - before):
+    while not any(registered_checkpoint(run) for run in set(shared.glob("base-*")) - before):
         assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
         time.sleep(0.1)
     third = c.add_node(num_cpus=1)  # room for the restarted group (1 CPU per worker)

@@ -8,7 +8,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from cdiff.grid import grid_image, to_uint8
 from cdiff.lora import load_adapter, merge_lora
 from cdiff.samplers import sample
 from tests.fuzzing import visible_lines
+from tests.helpers import free_port
 from tests.registry import SAMPLER, make_registry
 
 pytestmark = pytest.mark.slow  # the registry takes tens of seconds to log
@@ -201,12 +201,6 @@ def test_the_cache_key_names_the_version_and_its_model_id():
     assert source == "models:/cdiff-adapter-digits/3" and a != b and "v3" in a
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     try:
@@ -217,7 +211,7 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def test_mlflow_models_serve_answers_with_the_pixels_of_cdiff_sample(store, tmp_path):
-    port = _free_port()
+    port = free_port()
     env = {**store.env, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}  # uvicorn
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
