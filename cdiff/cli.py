@@ -313,7 +313,7 @@ COMMANDS = {"sample": cmd_sample, "info": cmd_info, "merge": cmd_merge, "train":
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code: 0, 2 for a bad input (one line on stderr), 128+N on signal N."""
-    from cdiff.io import Interrupted, interrupts_unwind
+    from cdiff.io import Interrupted, all_or_nothing, interrupts_unwind
 
     try:
         args = build_parser().parse_args(argv)
@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("CDIFF_DEBUG") == "1"
     in_main_thread = threading.current_thread() is threading.main_thread()
     try:
-        # SIGTERM, like Ctrl-C, unwinds the stack: `finally` blocks remove temp files before the exit
-        with interrupts_unwind() if in_main_thread else contextlib.nullcontext():
+        # SIGTERM, like Ctrl-C, unwinds the stack: `finally` blocks remove temp files before the exit, and a
+        # command that fails after writing one of its outputs puts it back as it was
+        with interrupts_unwind() if in_main_thread else contextlib.nullcontext(), all_or_nothing():
             COMMANDS[args.command](args)
     except CdiffError as e:
         if debug:

@@ -154,14 +154,23 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-_critical = {"depth": 0, "pending": []}
+_critical = {"depth": 0, "pending": [], "received": None}
 
 
 def _on_signal(signum, frame) -> None:
+    _critical["received"] = signum
     if _critical["depth"]:
         _critical["pending"].append(signum)  # a rename is in flight: raise when it is done
     else:
         raise Interrupted(signum)
+
+
+def as_interrupted(e: KeyboardInterrupt) -> Interrupted:
+    """The signal behind a KeyboardInterrupt: Ray's `ray.get` turns the `Interrupted` our handler raised
+    into a plain KeyboardInterrupt, so the signal is read from what the handler last received."""
+    if isinstance(e, Interrupted):
+        return e
+    return Interrupted(_critical["received"] or signal.SIGINT)
 
 
 @contextlib.contextmanager
@@ -244,7 +253,9 @@ def atomic_write(path, artefact: Artefact = FILE) -> Iterator[Path]:
             os.chmod(tmp, 0o666 & ~_umask())  # as `open` would make it, whatever the writer did (safetensors: 0600)
             with _uninterrupted():
                 check_output(path, artefact)  # something may have appeared there meanwhile
+                backup = _keep_aside(path)
                 os.replace(tmp, path)
+                _written(path, backup)
     finally:
         with _uninterrupted():
             if os.path.lexists(tmp):
@@ -265,13 +276,77 @@ def atomic_dir(path, artefact: Artefact, *, overwrite: bool = False) -> Iterator
                 if os.path.lexists(path):
                     os.rename(path, old)
                 os.rename(tmp, path)
+                _written(path, old if os.path.lexists(old) else None)
     finally:
         with _uninterrupted():
             if os.path.lexists(old) and not os.path.lexists(path):
                 os.rename(old, path)  # the swap failed half-way: put the old folder back
-            for leftover in (tmp, old):
+            kept = _journal is not None and any(backup == old for _, backup in _journal)
+            for leftover in (tmp,) if kept else (tmp, old):
                 if os.path.lexists(leftover):
                     shutil.rmtree(leftover)
+
+
+# ---- all or nothing: a stage leaves all of its outputs, or those it found -----------------------------
+
+_journal: list[tuple[Path, Path | None]] | None = None  # (path written, its previous version kept aside)
+
+
+def _keep_aside(path: Path) -> Path | None:
+    """Within `all_or_nothing`: a hard link to the file about to be replaced, to put back on failure."""
+    if _journal is None or not os.path.lexists(path):
+        return None
+    backup = _temp_beside(path, ".old")
+    try:
+        os.link(path, backup)
+    except OSError:  # a file system without hard links
+        shutil.copy2(path, backup)
+    return backup
+
+
+def _written(path: Path, backup: Path | None) -> None:
+    if _journal is not None:
+        _journal.append((path, backup))
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.unlink(path)
+
+
+@contextlib.contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Within: every file and folder the atomic writers replace is kept aside until the block ends. If the
+    block raises or is interrupted, each path written within is put back as it was (or removed, if it was
+    not there), so a stage stopped after its first output leaves none of them half-done. Nested: the
+    outermost block decides. Only the paths this process wrote are touched."""
+    global _journal
+    if _journal is not None:
+        yield
+        return
+    journal: list[tuple[Path, Path | None]] = []
+    _journal = journal
+    try:
+        yield
+        with _uninterrupted():
+            _journal = None
+            while journal:
+                _, backup = journal.pop()
+                if backup is not None:
+                    _remove(backup)
+    except BaseException:
+        with _uninterrupted():
+            _journal = None
+            while journal:  # newest first: a path written twice ends as it was before the first write
+                path, backup = journal.pop()
+                _remove(path)
+                if backup is not None:
+                    os.replace(backup, path)
+        raise
+    finally:
+        _journal = None
 
 
 # ---- JSON ----------------------------------------------------------------------------------------

@@ -122,14 +122,11 @@ def test_stopped_then_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_pr
     nothing half-written, and the next rerun resumes again and ends with the whole curve."""
     work, env = slow_project
     storage = work / "ray_results"
-    proc = subprocess.Popen(
-        ["dvc", "repro", "pretrain"],
-        cwd=work,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    first = work / "first.log"
+    with open(first, "w") as out:
+        proc = subprocess.Popen(
+            ["dvc", "repro", "pretrain"], cwd=work, env=env, stdout=out, stderr=out, start_new_session=True
+        )
     try:
         deadline = time.time() + 600  # a loaded machine can take minutes to the first checkpoint
         while not _registered_checkpoint(storage):
@@ -149,7 +146,9 @@ def test_stopped_then_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_pr
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert not (work / "models" / "base").exists()  # nothing half-written, nothing taken for complete
+    said = first.read_text()
+    assert "pretrain: interrupted (SIGTERM)" in said, said[-3000:]  # stopped, not finished before the signal
+    assert not (work / "models" / "base").exists(), said[-3000:]  # nothing half-written, nothing taken for complete
     assert not (work / "metrics" / "pretrain.json").exists()
     assert _runs_by_status(work, env) == {"KILLED": 1}
 

@@ -1,5 +1,6 @@
 """The output-path policy, atomic writes, umask, interrupts and strict JSON (cdiff/io.py)."""
 
+import contextlib
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cdiff.errors import CdiffError
 from cdiff.io import (
@@ -21,6 +24,7 @@ from cdiff.io import (
     Interrupted,
     _on_signal,
     _uninterrupted,
+    all_or_nothing,
     atomic_dir,
     atomic_write,
     check_output,
@@ -241,3 +245,75 @@ def test_an_unreadable_existing_output_is_refused_for_an_unprivileged_user():
         assert (work / "g.png").read_bytes() == PNG_BYTES
     finally:
         shutil.rmtree(work)
+
+
+# ---- all or nothing: a failed or stopped block puts back every path it wrote -----------------------------
+
+_WRITES = st.lists(
+    st.tuples(st.sampled_from(["a.json", "b.json", "thing", "other"]), st.binary(max_size=8)), max_size=6
+)
+
+
+def _write(root: Path, name: str, content: bytes) -> None:
+    if name in ("thing", "other"):
+        with atomic_dir(root / name, THING, overwrite=True) as tmp:
+            (tmp / "thing.json").write_text(json.dumps({"format": "cdiff-thing"}))
+            (tmp / "data").write_bytes(content)
+    else:
+        write_json(root / name, {"content": content.hex()})
+
+
+@settings(max_examples=60, deadline=None)
+@given(before=_WRITES, during=_WRITES, fail=st.booleans())
+def test_all_or_nothing_leaves_every_output_or_the_ones_it_found(tmp_path_factory, before, during, fail):
+    root = tmp_path_factory.mktemp("aon")
+    (root / "user.txt").write_text("user data")
+    for name, content in before:
+        _write(root, name, content)
+    found = _tree(root)
+    with contextlib.suppress(RuntimeError):
+        with all_or_nothing():
+            for name, content in during:
+                _write(root, name, content)
+            if fail:
+                raise RuntimeError("a stage failed after writing")
+    if fail:
+        assert _tree(root) == found  # every path as it was: restored, or removed if it was new
+    else:
+        expected = tmp_path_factory.mktemp("plain")
+        (expected / "user.txt").write_text("user data")
+        for name, content in before + during:
+            _write(expected, name, content)
+        assert _tree(root) == _tree(expected)  # the writes took effect, no copy kept aside is left
+
+
+_STAGE = """
+import sys, time
+from pathlib import Path
+from cdiff.io import Artefact, all_or_nothing, atomic_dir, interrupts_unwind, write_json
+out = Path(sys.argv[1])
+thing = Artefact("thing folder", folder=True, marker="thing.json", format="cdiff-thing")
+with interrupts_unwind(), all_or_nothing():
+    with atomic_dir(out / "thing", thing, overwrite=True) as tmp:
+        (tmp / "thing.json").write_text('{"format": "cdiff-thing", "new": 1}')
+    write_json(out / "new.json", {"done": 1})
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_stopped_block_puts_back_what_it_replaced(work):
+    before = _tree(work)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_STAGE), str(work)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert proc.stdout.readline().strip() == "ready"
+    assert (work / "new.json").exists() and "new" in (work / "thing" / "thing.json").read_text()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode != 0 and "Interrupted" in err
+    assert _tree(work) == before  # the old thing folder back, the new file gone, nothing kept aside left

@@ -10,6 +10,8 @@ every worker line through one dispatcher in the driver; distributed.session drop
 
 Stops: SIGTERM and SIGINT raise `cdiff.io.Interrupted` in a stage, so its `with` blocks unwind (the Ray
 run is aborted, the MLflow run marked KILLED, temp files removed) and it exits 128+N with one line.
+A stage that fails or is stopped after writing some of its outputs puts them back as they were
+(`cdiff.io.all_or_nothing`): under DVC, which removed them first, none is left.
 `dvc repro` does not pass SIGTERM on to its stage: killed, it leaves the stage orphaned, training on.
 Under DVC a thread watches the stage's parent and stops the stage the same way when DVC is gone.
 """
@@ -26,7 +28,7 @@ import threading
 from pathlib import Path
 
 from cdiff.errors import CdiffError
-from cdiff.io import Interrupted, interrupts_unwind
+from cdiff.io import all_or_nothing, as_interrupted, interrupts_unwind
 
 NOISE = (
     "Failed to query Ray Train Controller actor state",  # PlacementGroupCleaner, every second
@@ -65,7 +67,7 @@ def stage(fn):
     def main(*args):
         quiet_driver()
         try:
-            with interrupts_unwind(), _stop_when_dvc_is_gone():
+            with interrupts_unwind(), _stop_when_dvc_is_gone(), all_or_nothing():
                 fn(*args)
         except CdiffError as e:
             if os.environ.get("CDIFF_DEBUG") == "1":
@@ -73,7 +75,8 @@ def stage(fn):
             _close_progress_bars()
             print(f"{stage_name()}: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
             sys.exit(2)
-        except Interrupted as e:
+        except KeyboardInterrupt as e:  # cdiff.io.Interrupted, or what Ray made of it
+            e = as_interrupted(e)
             _close_progress_bars()
             print(f"{stage_name()}: interrupted ({e}): stopped, nothing half-written left behind", file=sys.stderr)
             sys.exit(128 + e.signum)
