@@ -90,7 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate a labelled PNG grid from a model (optionally with an adapter)",
         description="Generate N images per class and write them as a labelled PNG grid (one row per class).",
     )
-    s.add_argument("model", type=_source, help="model folder (config.json + model.safetensors) or model URI")
+    s.add_argument(
+        "model",
+        type=_source,
+        help="model folder (config.json + model.safetensors) or model URI; an adapter's URI alone brings its base",
+    )
     s.add_argument(
         "--adapter", type=_source, help="LoRA adapter folder or URI to apply (merged for zero-overhead sampling)"
     )
@@ -245,11 +249,15 @@ def _resolved(output, artefact, model, adapter, *, overwrite=False) -> tuple[Pat
     """The local folders of a model and an adapter (URIs resolved: downloaded, for MLflow's), with the output
     path checked before any download and again after: never onto, into or above an input or a downloaded folder."""
     from cdiff.io import check_output
+    from cdiff.lora import ADAPTER_CONFIG
     from cdiff.sources import resolve
 
     check_output(output, artefact, overwrite=overwrite, inputs=[s for s in (model, adapter) if not is_uri(s)])
-    model_dir = resolve(model, "model")
-    adapter_dir = resolve(adapter, "adapter") if adapter is not None else None
+    if adapter is None and is_uri(model) and (resolve(model) / ADAPTER_CONFIG).is_file():
+        model_dir, adapter_dir = resolve(model, "base"), resolve(model, "adapter")  # an adapter with its base
+    else:
+        model_dir = resolve(model, "model")
+        adapter_dir = resolve(adapter, "adapter") if adapter is not None else None
     check_output(output, artefact, overwrite=overwrite, inputs=[model_dir, adapter_dir])
     return model_dir, adapter_dir
 

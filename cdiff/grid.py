@@ -39,9 +39,7 @@ def grid_image(
 def save_grid(path, images: torch.Tensor, row_labels: list[str], per_row: int, title: str | None = None) -> None:
     """Write the grid as a PNG (replacing only a PNG); images holding NaN/inf are refused, not drawn black."""
     check_finite({"images": images}, f"refusing to write {display_path(path)}")
-    picture = grid_image(images, row_labels, per_row, title=title)
-    with atomic_write(path, PNG) as tmp:
-        picture.save(tmp, format="PNG")
+    save_picture(path, grid_image(images, row_labels, per_row, title=title))
 
 
 def sample_grid(
@@ -64,3 +62,23 @@ def sample_grid(
     labels = row_labels if row_labels is not None else [model.class_names[c] for c in class_ids]
     settings = f"{sampler}, seed {seed}"
     save_grid(path, images, labels, per_class, title=f"{title} ({settings})" if title else settings)
+
+
+def side_by_side(pictures: dict[str, Image.Image]) -> Image.Image:
+    """Pictures left to right, each under its label, on white: one panel per model, as drawn on its own."""
+    font = ImageFont.load_default()
+    top, gap = 18, 12
+    width = sum(p.width for p in pictures.values()) + gap * max(0, len(pictures) - 1)
+    canvas = Image.new("RGB", (width, top + max((p.height for p in pictures.values()), default=0)), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for label, picture in pictures.items():
+        draw.text((x + 4, 3), label, fill="black", font=font)
+        canvas.paste(picture, (x, top))
+        x += picture.width + gap
+    return canvas
+
+
+def save_picture(path, picture: Image.Image) -> None:
+    """Write a PIL picture as a PNG (replacing only a PNG), atomically."""
+    with atomic_write(path, PNG) as tmp:
+        picture.save(tmp, format="PNG")

@@ -8,7 +8,9 @@ adapter belongs to. cdiff itself knows no scheme and imports no MLflow: this pro
 package registers `models` and `runs` (pyproject.toml) with a resolver that downloads from MLflow.
 
 A resolver is `resolve(uri: str, kind: str | None) -> Path`: the local folder of the model or adapter
-(`kind`) that the URI names; kind None (`cdiff info`) means whichever it holds, the adapter first.
+(`kind`) that the URI names; kind None (`cdiff info`) means whichever it holds, the adapter first; kind
+"base" the base model that comes with an adapter (an MLflow adapter model bundles the base it was trained
+on), so that `cdiff sample models:/cdiff-adapter-digits@champion` needs nothing beside it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from cdiff.errors import CdiffError, shown
 
 GROUP = "cdiff.uri_resolvers"
-KINDS = ("model", "adapter")
+KINDS = ("model", "adapter", "base")
 
 # The resolvers pyproject.toml registers, for an install made before it did: used only where no entry
 # point names the scheme, and only when the module imports (`pip install -e .` registers them for good).

@@ -5,16 +5,27 @@ accuracy, each with its seeded bootstrap 95% interval), read from the result rec
 lowest FID first within each domain: two adapters whose intervals overlap are a tie. Then every registered
 version of the base and the adapters with its aliases (`champion`, `adapters`), the URIs `cdiff` and
 `mlflow models serve` take.
+With --grid OUT.png: the champions of every domain, downloaded from the registry (each with the base it was
+trained on), sampled with params.yaml's `sample:` settings and seed and drawn side by side, one panel per
+domain, each panel the pixels `cdiff sample` gives for that adapter.
 The MLflow UI's compare view shows the same runs side by side.
 """
 
 import argparse
 
 import pandas as pd
+import torch
+from tqdm import tqdm
 
+from cdiff.checkpoint import load_model
+from cdiff.errors import CdiffError
+from cdiff.grid import grid_image, save_picture, side_by_side
+from cdiff.io import PNG, check_finite, check_output, display_path
+from cdiff.lora import load_adapter, merge_lora
 from cdiff.results import DomainEvaluation, FinetuneResult
-from pipelines.core import tracking
-from pipelines.core.config import params
+from cdiff.samplers import sample
+from pipelines.core import serving, tracking
+from pipelines.core.config import Params, params
 from pipelines.core.console import stage
 
 VERSION_COLUMNS = ["model", "version", "aliases", "fid", "val_loss", "r", "alpha", "run_id"]
@@ -51,18 +62,55 @@ def adapters_table(runs: list[dict]) -> pd.DataFrame:
     return table.sort_values(["domain", "fid_adapter", "test_loss_adapter"], na_position="last").reset_index(drop=True)
 
 
+def aliased_grid(p: Params, out, alias: str, domain: str | None, per_class: int) -> list[str]:
+    """Draw the adapters that hold `alias` side by side into `out`; returns their URIs."""
+    check_output(out, PNG)  # before any download
+    uris = tracking.aliased(p, alias, domain)
+    if not uris:
+        raise CdiffError(
+            f"no adapter in the registry has the alias {alias!r}: run the pipeline's evaluate stages first"
+        )
+    pictures = {}
+    for uri in tqdm(uris.values(), desc=f"sampling the {alias}s", unit="adapter", leave=False):
+        folders = tracking.bundle(uri)  # the adapter and the base it was trained on
+        model, schedule, _ = load_model(folders[serving.BASE])
+        load_adapter(model, folders[serving.ADAPTER])
+        merge_lora(model)
+        classes = list(range(len(model.class_names)))
+        with torch.inference_mode():
+            images = sample(model, schedule, [c for c in classes for _ in range(per_class)], p.sampler, seed=p.seed)
+        check_finite({"images": images}, f"{uri}: refusing to draw its samples")
+        labels = [model.class_names[c] for c in classes]
+        pictures[uri] = grid_image(images, labels, per_class, title=f"{p.sampler}, seed {p.seed}")
+    save_picture(out, side_by_side(pictures))
+    return list(uris.values())
+
+
 @stage
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--domain", help="only this domain")
+    parser.add_argument("--grid", metavar="PNG", help="also draw the adapters with --alias side by side into PNG")
+    parser.add_argument("--alias", default="champion", help="the alias --grid draws (default: champion)")
+    parser.add_argument(
+        "--per-class", type=int, default=None, help="images per class in --grid (default: sample.per_class)"
+    )
     args = parser.parse_args()
     p = params()
+    per_class = p.sample.per_class if args.per_class is None else args.per_class
+    if not 1 <= per_class <= 64:
+        raise CdiffError(f"--per-class must be between 1 and 64, not {per_class}")
+    if args.grid:
+        check_output(args.grid, PNG)  # before the tables and the downloads
     table = adapters_table(tracking.stage_runs(p, "finetune", args.domain))
     versions = pd.DataFrame(tracking.registry_versions(p, args.domain), columns=VERSION_COLUMNS)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
         print("\nregistered versions (models:/MODEL/VERSION, or models:/MODEL@ALIAS):")
         print(versions.to_string(index=False))
+    if args.grid:
+        drawn = aliased_grid(p, args.grid, args.alias, args.domain, per_class)
+        print(f"compare: {len(drawn)} {args.alias}s side by side ({', '.join(drawn)}) -> {display_path(args.grid)}")
 
 
 if __name__ == "__main__":

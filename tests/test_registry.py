@@ -16,6 +16,7 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from cdiff.checkpoint import load_model
@@ -126,9 +127,28 @@ def test_an_adapter_of_another_base_is_refused_as_for_folders(store, tmp_path, c
     assert not (tmp_path / "x.png").exists()
 
 
-def test_an_adapter_bundle_is_not_a_base(store, tmp_path, capsys):
-    assert main(["sample", DIGITS, "-o", str(tmp_path / "x.png")]) == 2
+def test_an_adapter_uri_alone_samples_with_its_base_and_is_not_a_base(store, tmp_path, capsys):
+    args = ["--n", "2", "--seed", "3", *STEPS]
+    assert main(["sample", DIGITS, *args, "-o", str(tmp_path / "alone.png")]) == 0
+    assert main(["sample", BASE, "--adapter", DIGITS, *args, "-o", str(tmp_path / "pair.png")]) == 0
+    assert np.array_equal(_pixels(tmp_path / "alone.png"), _pixels(tmp_path / "pair.png"))
+    foreign = "models:/cdiff-adapter-foreign@champion"  # trained on base v2, which comes with it
+    assert main(["sample", foreign, *args, "-o", str(tmp_path / "foreign.png")]) == 0
+    v2 = ["models:/cdiff-base/2", "--adapter", foreign]
+    assert main(["sample", *v2, *args, "-o", str(tmp_path / "foreign-pair.png")]) == 0
+    assert np.array_equal(_pixels(tmp_path / "foreign.png"), _pixels(tmp_path / "foreign-pair.png"))
+    capsys.readouterr()
+    # given as a base beside another adapter, or merged into, it is refused
+    assert main(["sample", DIGITS, "--adapter", DIGITS, "-o", str(tmp_path / "x.png")]) == 2
     assert "is an adapter (with its base)" in _error_line(capsys)
+    assert main(["merge", DIGITS, DIGITS, "-o", str(tmp_path / "m")]) == 2
+    assert "is an adapter (with its base)" in _error_line(capsys)
+    from mlflow.tracking import MlflowClient
+
+    run_id = MlflowClient(store.uri).get_model_version("cdiff-adapter-digits", "1").run_id
+    assert main(["sample", f"runs:/{run_id}/adapter", "-o", str(tmp_path / "x.png")]) == 2  # a folder alone
+    assert "no base model bundled" in _error_line(capsys)
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "m").exists()
 
 
 @pytest.mark.parametrize(
@@ -317,3 +337,55 @@ def test_the_library_imports_no_mlflow_for_folders(tmp_path, tiny_model):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_compare_draws_the_champions_side_by_side_as_cdiff_sample_does(store, tmp_path):
+    """`pipelines.compare --grid`: one panel per domain's champion, each with the base it was trained on (the
+    foreign adapter's is base v2), each panel the pixels of `cdiff sample` on the local folders."""
+    import shutil
+
+    from tests.helpers import ROOT
+
+    shutil.copy(ROOT / "tests" / "tiny_params.yaml", tmp_path / "params.yaml")
+    p = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    s = p["sample"]
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.compare", "--grid", "champions.png", "--per-class", "2"],
+        cwd=tmp_path,
+        env=store.env,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compare: 3 champions side by side" in out.stdout
+    grid = _pixels(tmp_path / "champions.png")
+    args = ["--sampler", s["sampler"], "--steps", str(s["steps"]), "--guidance", str(s["guidance_scale"])]
+    args += ["--eta", str(s["eta"]), "--n", "2", "--seed", str(p["seed"])]
+    x = 0
+    for base, adapter in (("base", "digits-v2"), ("base2", "foreign-v1"), ("base", "letters-v1")):  # name order
+        alone = tmp_path / f"{adapter}.png"
+        assert (
+            main(
+                ["sample", str(store.folders[base]), "--adapter", str(store.folders[adapter]), *args, "-o", str(alone)]
+            )
+            == 0
+        )
+        panel = _pixels(alone)
+        assert np.array_equal(grid[18 : 18 + panel.shape[0], x : x + panel.shape[1]], panel), adapter
+        x += panel.shape[1] + 12
+    assert x - 12 == grid.shape[1]
+    # refused in one line, before any work: an output that is not a PNG, an alias no adapter has
+    (tmp_path / "notes.txt").write_text("user data")
+    for extra, message in (
+        (["--grid", "notes.txt"], "is not a PNG image"),
+        (["--grid", "x.png", "--alias", "nope"], "no adapter in the registry has the alias 'nope'"),
+    ):
+        bad = subprocess.run(
+            [sys.executable, "-m", "pipelines.compare", *extra],
+            cwd=tmp_path,
+            env=store.env,
+            capture_output=True,
+            text=True,
+        )
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    assert (tmp_path / "notes.txt").read_text() == "user data" and not (tmp_path / "x.png").exists()

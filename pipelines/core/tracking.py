@@ -437,7 +437,11 @@ def resolve_uri(uri: str, kind: str | None) -> Path:
 
     folders = bundle(uri)
     if "folder" in folders:
+        if kind == "base":
+            raise CdiffError(f"{uri} is a folder with no base model bundled: give its base, and it with --adapter")
         return folders["folder"]
+    if kind == "base":
+        return folders[serving.BASE]
     kind = kind or ("adapter" if serving.ADAPTER in folders else "model")
     if kind == "model" and serving.ADAPTER in folders:
         raise CdiffError(f"{uri} is an adapter (with its base): give it as the adapter, and a base model beside it")
@@ -476,3 +480,11 @@ def registry_versions(p: Params, domain: str | None = None) -> list[dict]:
                 }
             )
     return sorted(rows, key=lambda r: (r["model"], r["version"]))
+
+
+def aliased(p: Params, alias: str, domain: str | None = None) -> dict[str, str]:
+    """{domain: models:/ADAPTER@alias} for every domain's adapter (or one domain's) that has a version with `alias`."""
+    prefix = p.mlflow.adapter_model_prefix
+    rows = registry_versions(p, domain)
+    named = {r["model"] for r in rows if r["model"].startswith(prefix) and alias in r["aliases"].split(",")}
+    return {name[len(prefix) :]: f"models:/{name}@{alias}" for name in sorted(named)}
