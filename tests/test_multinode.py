@@ -90,6 +90,7 @@ def test_pipeline_runs_on_both_nodes_and_logs_through_the_server(project, cluste
     uri, mlflow_root = server
     out = run(["dvc", "repro", "finetune@inverted"], work, env, check=False)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "Grad strides do not match" not in out.stdout + out.stderr  # DDP's harmless layout warning, once per worker
     nodes = _nodes(cluster)
 
     (pretrain,) = _runs(uri, "pretrain")
