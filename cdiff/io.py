@@ -317,6 +317,17 @@ def _remove(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def kept_whatever_happens() -> Iterator[None]:
+    """Within `all_or_nothing`: writes that are not the command's outputs (a download cache) stay if it fails."""
+    global _journal
+    outer, _journal = _journal, None
+    try:
+        yield
+    finally:
+        _journal = outer
+
+
+@contextlib.contextmanager
 def all_or_nothing() -> Iterator[None]:
     """Within: every file and folder the atomic writers replace is kept aside until the block ends. If the
     block raises or is interrupted, each path written within is put back as it was (or removed, if it was

@@ -28,6 +28,7 @@ from cdiff.io import (
     atomic_dir,
     atomic_write,
     check_output,
+    kept_whatever_happens,
     read_json,
     write_json,
 )
@@ -317,3 +318,13 @@ def test_a_stopped_block_puts_back_what_it_replaced(work):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "Interrupted" in err
     assert _tree(work) == before  # the old thing folder back, the new file gone, nothing kept aside left
+
+
+def test_a_cache_written_within_all_or_nothing_stays_when_it_fails(tmp_path):
+    with pytest.raises(RuntimeError), all_or_nothing():
+        write_json(tmp_path / "output.json", {"x": 1})
+        with kept_whatever_happens():
+            write_json(tmp_path / "cache.json", {"x": 2})
+        write_json(tmp_path / "later.json", {"x": 3})  # the journal is back after the cache
+        raise RuntimeError("failed after the download")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]

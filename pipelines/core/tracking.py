@@ -31,7 +31,7 @@ from cdiff import results
 from cdiff.checkpoint import read_model_config
 from cdiff.config import from_dict, to_dict
 from cdiff.errors import CdiffError
-from cdiff.io import Artefact, atomic_dir, read_json, write_json
+from cdiff.io import Artefact, atomic_dir, kept_whatever_happens, read_json, write_json
 from cdiff.lora import read_adapter_config
 from cdiff.samplers import Sampler
 from pipelines.core.config import Params
@@ -407,7 +407,7 @@ def download(uri: str) -> Path:
         if not (folder / DOWNLOAD.marker).is_file():
             folder.parent.mkdir(parents=True, exist_ok=True)
             try:
-                with atomic_dir(folder, DOWNLOAD) as tmp:
+                with kept_whatever_happens(), atomic_dir(folder, DOWNLOAD) as tmp:  # a cache, not an output
                     local = mlflow.artifacts.download_artifacts(source, dst_path=str(tmp), tracking_uri=store)
                     marker = {"format": DOWNLOAD.format, "uri": source, "store": store}
                     write_json(tmp / DOWNLOAD.marker, marker | {"path": str(Path(local).relative_to(tmp))})
