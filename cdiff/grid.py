@@ -42,8 +42,7 @@ def save_grid(path, images: torch.Tensor, row_labels: list[str], per_row: int, t
     save_picture(path, grid_image(images, row_labels, per_row, title=title))
 
 
-def sample_grid(
-    path,
+def sample_picture(
     model,
     schedule,
     sampler: Sampler,
@@ -54,28 +53,46 @@ def sample_grid(
     row_labels: list[str] | None = None,
     title: str = "",
     device="cpu",
-) -> None:
-    """Sample `per_class` images of each class in `class_ids` (one seeded batch) and write the labelled grid."""
+    what: str = "refusing to draw the samples",
+) -> Image.Image:
+    """Sample `per_class` images of each class in `class_ids` (one seeded batch) and draw the labelled grid;
+    images holding NaN/inf are refused (`what` says where), not drawn black."""
     ids = [c for c in class_ids for _ in range(per_class)]
     with torch.inference_mode():
         images = sample(model, schedule, ids, sampler, seed=seed, device=device)
+    check_finite({"images": images}, what)
     labels = row_labels if row_labels is not None else [model.class_names[c] for c in class_ids]
     settings = f"{sampler}, seed {seed}"
-    save_grid(path, images, labels, per_class, title=f"{title} ({settings})" if title else settings)
+    return grid_image(images, labels, per_class, title=f"{title} ({settings})" if title else settings)
+
+
+def sample_grid(path, model, schedule, sampler: Sampler, class_ids: list[int], per_class: int, **kwargs) -> None:
+    """`sample_picture`, written to `path` as a PNG."""
+    picture = sample_picture(
+        model, schedule, sampler, class_ids, per_class, what=f"refusing to write {display_path(path)}", **kwargs
+    )
+    save_picture(path, picture)
 
 
 def side_by_side(pictures: dict[str, Image.Image]) -> Image.Image:
-    """Pictures left to right, each under its label, on white: one panel per model, as drawn on its own."""
+    """Pictures left to right, each under its label, on white: one panel per model, as drawn on its own.
+    A panel takes the width of its picture, or of its label where that is wider."""
     font = ImageFont.load_default()
     top, gap = 18, 12
-    width = sum(p.width for p in pictures.values()) + gap * max(0, len(pictures) - 1)
+    slots = [max(p.width, panel_label_width(label)) for label, p in pictures.items()]
+    width = sum(slots) + gap * max(0, len(pictures) - 1)
     canvas = Image.new("RGB", (width, top + max((p.height for p in pictures.values()), default=0)), "white")
     draw, x = ImageDraw.Draw(canvas), 0
-    for label, picture in pictures.items():
+    for (label, picture), slot in zip(pictures.items(), slots, strict=True):
         draw.text((x + 4, 3), label, fill="black", font=font)
         canvas.paste(picture, (x, top))
-        x += picture.width + gap
+        x += slot + gap
     return canvas
+
+
+def panel_label_width(label: str) -> int:
+    """The width a panel's label takes in `side_by_side`."""
+    return 8 + int(ImageFont.load_default().getlength(label))
 
 
 def save_picture(path, picture: Image.Image) -> None:

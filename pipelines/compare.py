@@ -14,16 +14,14 @@ The MLflow UI's compare view shows the same runs side by side.
 import argparse
 
 import pandas as pd
-import torch
 from tqdm import tqdm
 
 from cdiff.checkpoint import load_model
 from cdiff.errors import CdiffError
-from cdiff.grid import grid_image, save_picture, side_by_side
-from cdiff.io import PNG, check_finite, check_output, display_path
+from cdiff.grid import sample_picture, save_picture, side_by_side
+from cdiff.io import PNG, check_output, display_path
 from cdiff.lora import load_adapter, merge_lora
 from cdiff.results import DomainEvaluation, FinetuneResult
-from cdiff.samplers import sample
 from pipelines.core import serving, tracking
 from pipelines.core.config import Params, params
 from pipelines.core.console import stage
@@ -71,17 +69,14 @@ def aliased_grid(p: Params, out, alias: str, domain: str | None, per_class: int)
             f"no adapter in the registry has the alias {alias!r}: run the pipeline's evaluate stages first"
         )
     pictures = {}
-    for uri in tqdm(uris.values(), desc=f"sampling the {alias}s", unit="adapter", leave=False):
+    for domain, uri in tqdm(uris.items(), desc=f"sampling the {alias}s", unit="adapter", leave=False):
         folders = tracking.bundle(uri)  # the adapter and the base it was trained on
         model, schedule, _ = load_model(folders[serving.BASE])
         load_adapter(model, folders[serving.ADAPTER])
         merge_lora(model)
         classes = list(range(len(model.class_names)))
-        with torch.inference_mode():
-            images = sample(model, schedule, [c for c in classes for _ in range(per_class)], p.sampler, seed=p.seed)
-        check_finite({"images": images}, f"{uri}: refusing to draw its samples")
-        labels = [model.class_names[c] for c in classes]
-        pictures[uri] = grid_image(images, labels, per_class, title=f"{p.sampler}, seed {p.seed}")
+        what = f"{uri}: refusing to draw its samples"
+        pictures[domain] = sample_picture(model, schedule, p.sampler, classes, per_class, seed=p.seed, what=what)
     save_picture(out, side_by_side(pictures))
     return list(uris.values())
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from cdiff.checkpoint import load_model
 from cdiff.cli import main
-from cdiff.grid import grid_image, to_uint8
+from cdiff.grid import grid_image, panel_label_width, to_uint8
 from cdiff.lora import load_adapter, merge_lora
 from cdiff.samplers import sample
 from tests.fuzzing import visible_lines
@@ -363,6 +363,7 @@ def test_compare_draws_the_champions_side_by_side_as_cdiff_sample_does(store, tm
     args += ["--eta", str(s["eta"]), "--n", "2", "--seed", str(p["seed"])]
     x = 0
     for base, adapter in (("base", "digits-v2"), ("base2", "foreign-v1"), ("base", "letters-v1")):  # name order
+        domain = adapter.split("-")[0]  # each panel's label
         alone = tmp_path / f"{adapter}.png"
         assert (
             main(
@@ -372,7 +373,7 @@ def test_compare_draws_the_champions_side_by_side_as_cdiff_sample_does(store, tm
         )
         panel = _pixels(alone)
         assert np.array_equal(grid[18 : 18 + panel.shape[0], x : x + panel.shape[1]], panel), adapter
-        x += panel.shape[1] + 12
+        x += max(panel.shape[1], panel_label_width(domain)) + 12
     assert x - 12 == grid.shape[1]
     # refused in one line, before any work: an output that is not a PNG, an alias no adapter has
     (tmp_path / "notes.txt").write_text("user data")
