@@ -173,19 +173,29 @@ with interrupts_unwind():
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_remove_temp_files(work, signum):
     before = _tree(work)
+    proc = _ready(_WRITER, work)
+    assert any(p.name.endswith(".tmp") for p in work.iterdir())  # the temp files exist while it works
+    _stop(proc, signum)
+    assert _tree(work) == before  # old content intact, no temp left
+
+
+def _ready(script: str, work: Path) -> subprocess.Popen:
+    """Run `script` on `work` in a fresh interpreter, until it prints "ready"."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(_WRITER), str(work)],
+        [sys.executable, "-c", textwrap.dedent(script), str(work)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     assert proc.stdout.readline().strip() == "ready"
-    assert any(p.name.endswith(".tmp") for p in work.iterdir())  # the temp files exist while it works
+    return proc
+
+
+def _stop(proc: subprocess.Popen, signum: int) -> None:
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode != 0 and "Interrupted" in err
-    assert _tree(work) == before  # old content intact, no temp left
 
 
 def test_a_signal_during_a_rename_waits_for_it():
@@ -305,18 +315,9 @@ with interrupts_unwind(), all_or_nothing():
 
 def test_a_stopped_block_puts_back_what_it_replaced(work):
     before = _tree(work)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(_STAGE), str(work)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
-    )
-    assert proc.stdout.readline().strip() == "ready"
+    proc = _ready(_STAGE, work)
     assert (work / "new.json").exists() and "new" in (work / "thing" / "thing.json").read_text()
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode != 0 and "Interrupted" in err
+    _stop(proc, signal.SIGTERM)
     assert _tree(work) == before  # the old thing folder back, the new file gone, nothing kept aside left
 
 
