@@ -253,8 +253,9 @@ def _resolved(output, artefact, model, adapter, *, overwrite=False) -> tuple[Pat
     from cdiff.sources import resolve
 
     check_output(output, artefact, overwrite=overwrite, inputs=[s for s in (model, adapter) if not is_uri(s)])
-    if adapter is None and is_uri(model) and (resolve(model) / ADAPTER_CONFIG).is_file():
-        model_dir, adapter_dir = resolve(model, "base"), resolve(model, "adapter")  # an adapter with its base
+    held = resolve(model) if adapter is None and is_uri(model) else None  # kind None: the adapter, if it is one
+    if held is not None and (held / ADAPTER_CONFIG).is_file():
+        model_dir, adapter_dir = resolve(model, "base"), held  # an adapter with its base
     else:
         model_dir = resolve(model, "model")
         adapter_dir = resolve(adapter, "adapter") if adapter is not None else None

@@ -60,10 +60,11 @@ def adapters_table(runs: list[dict]) -> pd.DataFrame:
     return table.sort_values(["domain", "fid_adapter", "test_loss_adapter"], na_position="last").reset_index(drop=True)
 
 
-def aliased_grid(p: Params, out, alias: str, domain: str | None, per_class: int) -> list[str]:
-    """Draw the adapters that hold `alias` side by side into `out`; returns their URIs."""
+def aliased_grid(p: Params, out, versions: list[dict], alias: str, per_class: int) -> list[str]:
+    """Draw the adapters among `versions` (tracking.registry_versions) that hold `alias` side by side into `out`;
+    returns their URIs."""
     check_output(out, PNG)  # before any download
-    uris = tracking.aliased(p, alias, domain)
+    uris = tracking.aliased(p, versions, alias)
     if not uris:
         raise CdiffError(
             f"no adapter in the registry has the alias {alias!r}: run the pipeline's evaluate stages first"
@@ -98,13 +99,14 @@ def main() -> None:
     if args.grid:
         check_output(args.grid, PNG)  # before the tables and the downloads
     table = adapters_table(tracking.stage_runs(p, "finetune", args.domain))
-    versions = pd.DataFrame(tracking.registry_versions(p, args.domain), columns=VERSION_COLUMNS)
+    rows = tracking.registry_versions(p, args.domain)
+    versions = pd.DataFrame(rows, columns=VERSION_COLUMNS)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
         print("\nregistered versions (models:/MODEL/VERSION, or models:/MODEL@ALIAS):")
         print(versions.to_string(index=False))
     if args.grid:
-        drawn = aliased_grid(p, args.grid, args.alias, args.domain, per_class)
+        drawn = aliased_grid(p, args.grid, rows, args.alias, per_class)
         print(f"compare: {len(drawn)} {args.alias}s side by side ({', '.join(drawn)}) -> {display_path(args.grid)}")
 
 

@@ -482,9 +482,8 @@ def registry_versions(p: Params, domain: str | None = None) -> list[dict]:
     return sorted(rows, key=lambda r: (r["model"], r["version"]))
 
 
-def aliased(p: Params, alias: str, domain: str | None = None) -> dict[str, str]:
-    """{domain: models:/ADAPTER@alias} for every domain's adapter (or one domain's) that has a version with `alias`."""
+def aliased(p: Params, rows: list[dict], alias: str) -> dict[str, str]:
+    """{domain: models:/ADAPTER@alias} for every adapter among `registry_versions` rows with a version holding `alias`."""
     prefix = p.mlflow.adapter_model_prefix
-    rows = registry_versions(p, domain)
     named = {r["model"] for r in rows if r["model"].startswith(prefix) and alias in r["aliases"].split(",")}
     return {name[len(prefix) :]: f"models:/{name}@{alias}" for name in sorted(named)}
