@@ -13,7 +13,8 @@ run is aborted, the MLflow run marked KILLED, temp files removed) and it exits 1
 A stage that fails or is stopped after writing some of its outputs puts them back as they were
 (`cdiff.io.all_or_nothing`): under DVC, which removed them first, none is left.
 `dvc repro` does not pass SIGTERM on to its stage: killed, it leaves the stage orphaned, training on.
-Under DVC a thread watches the stage's parent and stops the stage the same way when DVC is gone.
+Under DVC a thread watches the stage's parent (through the shell DVC may run it in) and stops the stage the
+same way when DVC is gone.
 """
 
 from __future__ import annotations
@@ -84,18 +85,43 @@ def stage(fn):
     return main
 
 
+SHELLS = frozenset({"sh", "dash", "ash", "bash", "zsh", "ksh", "mksh", "fish", "busybox"})
+
+
+def _ppid(pid: int) -> int | None:
+    """The parent of another process (Linux's /proc), or None where it cannot be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])  # "pid (comm) state ppid ...": comm may hold spaces
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _ancestry() -> tuple[int | None, ...]:
+    """This stage's parent, and the parent's parent where the parent is a shell: DVC runs a stage's command as
+    `$SHELL -c CMD`, and where that shell forks instead of exec-ing its one command (dash, /bin/sh on Debian,
+    DVC's shell when SHELL is unset), the stage's parent is the shell, which outlives DVC."""
+    parent = os.getppid()
+    try:
+        shell = Path(f"/proc/{parent}/comm").read_text().strip() in SHELLS
+    except OSError:
+        shell = False
+    return (parent, _ppid(parent)) if shell else (parent,)
+
+
 @contextlib.contextmanager
 def _stop_when_dvc_is_gone(poll_s: float = 0.2):
-    """Under DVC: SIGTERM to this stage as soon as its parent (`dvc repro`) is gone, as DVC killed by
-    SIGTERM does not pass the signal on. A stage run by hand keeps running whatever its parent does."""
+    """Under DVC: SIGTERM to this stage as soon as `dvc repro` is gone (this process, or the shell DVC ran it
+    through, reparented), as DVC killed by SIGTERM does not pass the signal on. A stage run by hand keeps
+    running whatever its parent does."""
     if not os.environ.get("DVC_STAGE"):
         yield
         return
-    parent, done = os.getppid(), threading.Event()
+    started, done = _ancestry(), threading.Event()
 
     def watch() -> None:
         while not done.wait(poll_s):
-            if os.getppid() != parent:  # reparented: DVC has exited
+            if _ancestry() != started:  # reparented: DVC has exited
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
 
