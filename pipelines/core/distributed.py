@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import json
 import math
 import os
 import pickle
@@ -31,7 +30,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cdiff.errors import CdiffError
@@ -40,6 +39,7 @@ from cdiff.train import apply_ema, new_state
 from pipelines.core import tracking
 from pipelines.core.config import Params
 from pipelines.core.console import is_noise
+from pipelines.core.curve_callback import CurveToMlflow
 from pipelines.core.jobs import TrainJob, build_model, run_name, train_job
 from pipelines.core.layout import paths
 
@@ -64,6 +64,9 @@ def session(p: Params):
         # -> 16.3, 16.2 s, two pairs measured side by side on 2 CPUs). A cluster keeps Ray's default.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
         env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
+        for k, v in LOCAL_TRAIN_ENV.items():
+            os.environ.setdefault(k, v)
+            env[k] = os.environ[k]
         ray.init(  # "local": a new instance of its own, never a `ray start` cluster found running on this machine
             address="local",
             num_cpus=p.ray.num_cpus,
@@ -71,6 +74,7 @@ def session(p: Params):
             runtime_env=runtime_env,
             configure_logging=False,
         )
+        _start_autoscaling_coordinator()
     if on_sigterm is not None:
         signal.signal(signal.SIGTERM, on_sigterm)
     _drop_forwarded_noise()
@@ -78,6 +82,17 @@ def session(p: Params):
         yield
     finally:
         ray.shutdown()
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Start the actor Train's controller asks for resources before it starts any worker (a detached actor,
+    got by name), now, while the stage goes on: else the controller waits for its process to start (2 to 3 s
+    of every fit on 2 CPUs)."""
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    get_or_create_autoscaling_coordinator()
 
 
 def _drop_forwarded_noise() -> None:
@@ -197,36 +212,29 @@ def _resume_state(checkpoint, device, rank: int) -> dict | None:
             return None
 
 
-class CurveToMlflow(UserCallback):
-    """Logs the loss curve onto an MLflow run from Ray's controller: one writer, every step once.
-
-    After a worker failure Ray restarts from the latest checkpoint and trains the steps after it
-    again, with the same numbers (a step's randomness is a function of (seed, step)). Points of
-    steps already logged are skipped, so the run keeps one continuous history. The Ray nodes the
-    workers ran on (every worker reports its own) are the run's tag `ray_train_nodes`.
-    """
-
-    def __init__(self, run_id: str):
-        self.tracking_uri, self.run_id, self.last_step = tracking.tracking_uri(), run_id, 0
-        self.nodes: set[str] = set()
-
-    def after_report(self, run_context, metrics, checkpoint):
-        curve = [(int(s), float(v)) for s, v in (metrics[0].get("curve", []) if metrics else [])]
-        new = [(s, v) for s, v in curve if s > self.last_step]
-        if new:
-            tracking.log_curve(self.run_id, "loss", new, self.tracking_uri)
-            self.last_step = new[-1][0]
-        nodes = self.nodes | {m["node"] for m in metrics if "node" in m}
-        if nodes != self.nodes:
-            self.nodes = nodes
-            tracking.set_tags(self.run_id, {"ray_train_nodes": json.dumps(sorted(nodes))}, self.tracking_uri)
+# A local session's Ray Train, without what only a cluster needs: the preemption watcher (an actor that
+# watches for nodes being drained, as spot instances are) and Train's Prometheus metrics (no dashboard here).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
 
 
 class _StoppableTrainer(TorchTrainer):
     """A TorchTrainer whose run the driver can abort. fit() hands the run's controller to the SIGINT handler
-    it installs (one that aborts, then sys.exit(0)s and lets the stage go on): kept here, no handler installed."""
+    it installs (one that aborts, then sys.exit(0)s and lets the stage go on): kept here, no handler installed.
+
+    It also starts no actor it has no use for: Ray Data's DatasetManager (cdiff passes no Ray Dataset), and,
+    in a local session, the detached PlacementGroupCleaner (which removes the run's placement group should the
+    driver die, but a local session's Ray ends with its driver). Each is a Python process that imports Ray, on
+    the CPUs the run's own start-up needs."""
 
     controller = None
+    local = False
+
+    def _create_default_callbacks(self):
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        drop = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if self.local else ())
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
 
     def _register_sigint_handler(self, controller) -> None:
         self.controller = controller
@@ -257,12 +265,13 @@ def fit(p: Params, job: TrainJob, *, mlflow_run_id: str | None = None) -> tuple[
         run_config=RunConfig(
             name=run_name(job),
             storage_path=paths.ray_storage(p.ray.storage_path),
-            callbacks=[CurveToMlflow(mlflow_run_id)] if mlflow_run_id else [],
+            callbacks=[CurveToMlflow(mlflow_run_id, tracking.tracking_uri())] if mlflow_run_id else [],
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=p.ray.max_failures),
             logging_config=LoggingConfig(log_level="WARNING"),  # Train's progress notes; warnings still show
         ),
     )
+    trainer.local = not os.environ.get("RAY_ADDRESS")  # as session() decided
     with _one_at_a_time(paths.ray_storage(p.ray.storage_path), run_name(job)):
         try:
             result = trainer.fit()
