@@ -1,9 +1,11 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from cdiff.errors import CdiffError
-from cdiff.grid import save_grid
+from cdiff.grid import save_grid, tile
 
 
 def test_a_grid_is_a_png_with_a_label_column(tmp_path):
@@ -20,3 +22,23 @@ def test_non_finite_images_are_refused_not_drawn_black(tmp_path, bad):
     with pytest.raises(CdiffError, match="holds NaN or infinite values"):
         save_grid(tmp_path / "g.png", images, ["a", "b"], per_row=2)
     assert (tmp_path / "g.png").read_bytes().endswith(b"old")  # the old grid is left as it was
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 13),
+    channels=st.sampled_from([1, 3]),
+    h=st.integers(1, 9),
+    w=st.integers(1, 9),
+    per_row=st.integers(1, 8),
+    padding=st.integers(0, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_tile_draws_the_picture_torchvision_make_grid_draws(n, channels, h, w, per_row, padding, seed):
+    from torchvision.utils import make_grid
+
+    images = torch.randint(
+        0, 256, (n, channels, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+    expected = make_grid(images, nrow=per_row, padding=padding, pad_value=255)
+    assert torch.equal(tile(images, per_row, padding), expected)
