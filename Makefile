@@ -29,7 +29,7 @@ repro-gpu: setup
 	eval "PATH=\"$(CURDIR)/$(BIN):$$PATH\" $(BIN)/dvc exp run $$($(BIN)/python -m pipelines.core.overlay params-gpu.yaml)"
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n 2 --durations=15
 
 lint: $(BIN)/cdiff
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

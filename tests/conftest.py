@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -6,6 +8,27 @@ from cdiff.model import UNet
 from cdiff.schedule import NoiseSchedule
 
 torch.set_num_threads(2)
+
+
+# `make test` runs the suite on two pytest-xdist workers (-n 2): the modules with slow tests (Ray, DVC or
+# MLflow end to end, each test a few processes of its own) on one worker, one after another in file order, as
+# they would run alone (test_pipeline's last test depends on its order, test_faults looks for Ray's workers
+# machine-wide); the unit tests beside them on the other.
+END_TO_END = frozenset(
+    f"tests/{p.name}" for p in Path(__file__).parent.glob("test_*.py") if "pytest.mark.slow" in p.read_text()
+)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class EndToEndOnOneWorker(LoadScopeScheduling):
+        """One unit of work for all end-to-end modules (the largest, so the first handed out), one per other test."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            return "end-to-end" if nodeid.split("::", 1)[0] in END_TO_END else nodeid
+
+    return EndToEndOnOneWorker(config, log)
 
 
 def tiny_config(**overrides) -> ModelConfig:
