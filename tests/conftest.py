@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -10,20 +8,18 @@ from cdiff.schedule import NoiseSchedule
 torch.set_num_threads(2)
 
 
-# `make test` runs the suite on two pytest-xdist workers (-n 2): the modules with slow tests (Ray, DVC or
-# MLflow end to end, each test a few processes of its own) on one worker, one after another in file order, as
-# they would run alone (test_pipeline's last test depends on its order, test_faults looks for Ray's workers
-# machine-wide); the unit tests beside them on the other.
-END_TO_END = frozenset(
-    f"tests/{p.name}" for p in Path(__file__).parent.glob("test_*.py") if "pytest.mark.slow" in p.read_text()
-)
+# `make test` runs the suite on two pytest-xdist workers (-n 2): the modules whose tests start Ray (a local
+# session, a stage, a cluster) on one worker, one after another in file order, as they would run alone
+# (test_pipeline's last test depends on its order, test_faults looks for Ray's workers machine-wide); every
+# other test (the unit tests, and the slow ones of DVC and MLflow alone) beside them on the other.
+END_TO_END = frozenset(f"tests/test_{name}.py" for name in ("distributed", "faults", "multinode", "pipeline", "tune"))
 
 
 def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class EndToEndOnOneWorker(LoadScopeScheduling):
-        """One unit of work for all end-to-end modules (the largest, so the first handed out), one per other test."""
+        """One unit of work for all Ray modules (the largest, so the first handed out), one per other test."""
 
         def _split_scope(self, nodeid: str) -> str:
             return "end-to-end" if nodeid.split("::", 1)[0] in END_TO_END else nodeid
