@@ -47,6 +47,24 @@ STATE_FILE = "state.pt"
 ERROR = "error"  # the metric of a run's last report that holds the message of a training error
 
 
+# A local session's settings, in its own environment and its workers': gloo on loopback for CPU DDP; Train's
+# controller polling its workers every 0.5 s, not 2 (a run ends at the poll after its last report: a trivial
+# fit 18.6, 19.2 s -> 16.3, 16.2 s, two pairs measured side by side on 2 CPUs); and no preemption watcher (an
+# actor that watches for nodes being drained, as spot instances are) nor Train's Prometheus metrics (no
+# dashboard here). A cluster keeps Ray's defaults.
+LOCAL_ENV = {
+    "GLOO_SOCKET_IFNAME": "lo",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
+
+
+def is_local() -> bool:
+    """A session of its own on this machine, not the cluster at RAY_ADDRESS."""
+    return not os.environ.get("RAY_ADDRESS")
+
+
 @contextlib.contextmanager
 def session(p: Params):
     """Join the cluster at RAY_ADDRESS, or start a local Ray sized by params (no dashboard); shut down after."""
@@ -54,17 +72,10 @@ def session(p: Params):
     runtime_env = {"env_vars": env}
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # Tune would end a search early on Ctrl-C, and the stage go on
     on_sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with sys.exit(15)
-    if os.environ.get("RAY_ADDRESS"):
+    if not is_local():
         ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=runtime_env, log_to_driver=True)
     else:
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # local CPU DDP: gloo on loopback
-        env["GLOO_SOCKET_IFNAME"] = os.environ["GLOO_SOCKET_IFNAME"]
-        # Train's controller polls its workers every 2 s, and a run ends at the poll after its last report:
-        # on one machine a 0.5 s poll costs nothing and saves 2 to 3 s of each fit (a trivial fit: 18.6, 19.2 s
-        # -> 16.3, 16.2 s, two pairs measured side by side on 2 CPUs). A cluster keeps Ray's default.
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]
-        for k, v in LOCAL_TRAIN_ENV.items():
+        for k, v in LOCAL_ENV.items():  # a user's own value wins
             os.environ.setdefault(k, v)
             env[k] = os.environ[k]
         ray.init(  # "local": a new instance of its own, never a `ray start` cluster found running on this machine
@@ -212,11 +223,6 @@ def _resume_state(checkpoint, device, rank: int) -> dict | None:
             return None
 
 
-# A local session's Ray Train, without what only a cluster needs: the preemption watcher (an actor that
-# watches for nodes being drained, as spot instances are) and Train's Prometheus metrics (no dashboard here).
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
-
-
 class _StoppableTrainer(TorchTrainer):
     """A TorchTrainer whose run the driver can abort. fit() hands the run's controller to the SIGINT handler
     it installs (one that aborts, then sys.exit(0)s and lets the stage go on): kept here, no handler installed.
@@ -227,13 +233,12 @@ class _StoppableTrainer(TorchTrainer):
     the CPUs the run's own start-up needs."""
 
     controller = None
-    local = False
 
     def _create_default_callbacks(self):
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-        drop = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if self.local else ())
+        drop = (() if self.datasets else (DatasetsCallback,)) + ((PlacementGroupCleanerCallback,) if is_local() else ())
         return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
 
     def _register_sigint_handler(self, controller) -> None:
@@ -271,7 +276,6 @@ def fit(p: Params, job: TrainJob, *, mlflow_run_id: str | None = None) -> tuple[
             logging_config=LoggingConfig(log_level="WARNING"),  # Train's progress notes; warnings still show
         ),
     )
-    trainer.local = not os.environ.get("RAY_ADDRESS")  # as session() decided
     with _one_at_a_time(paths.ray_storage(p.ray.storage_path), run_name(job)):
         try:
             result = trainer.fit()
