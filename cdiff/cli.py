@@ -109,10 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--sampler",
         choices=list(KINDS),
-        default="ddim",
-        help="ddpm: all T steps; ddim (default) or dpm++2m (DPM-Solver++(2M)): --steps model calls",
+        default="dpm++2m",
+        help="ddpm: all T steps; ddim or dpm++2m (DPM-Solver++(2M), the default): --steps model calls",
     )
-    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM/DPM++ steps (default 50; ignored by ddpm)")
+    s.add_argument("--steps", type=_positive_int, default=20, help="DDIM/DPM++ steps (default 20; ignored by ddpm)")
     s.add_argument(
         "--eta",
         type=_bounded(float, 0, 1),

@@ -159,8 +159,8 @@ class DataConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "ddim"  # a kind of cdiff.samplers.KINDS: ddpm | ddim | dpm++2m
-    steps: int = 50  # model calls for ddim and dpm++2m (ddpm takes all T)
+    sampler: str = "dpm++2m"  # a kind of cdiff.samplers.KINDS: ddpm | ddim | dpm++2m (cdiff.samplers.DEFAULT)
+    steps: int = 20  # model calls for ddim and dpm++2m (ddpm takes all T)
     eta: float = 0.0  # ddim only
     guidance_scale: float = 2.0
     per_class: int = 8

@@ -197,8 +197,8 @@ KINDS = {"ddpm": Kind(False, _ddpm), "ddim": Kind(True, _ddim), "dpm++2m": Kind(
 class Sampler:
     """How to sample: the kind, its step count (None: all T steps), DDIM's eta and the guidance scale."""
 
-    kind: str = "ddim"
-    steps: int | None = 50
+    kind: str = "dpm++2m"
+    steps: int | None = 20
     eta: float = 0.0
     guidance_scale: float = 2.0
 
@@ -247,6 +247,11 @@ def check_sampler(kind, steps, eta, guidance_scale, key: str) -> None:
     for name, value, most in (("eta", eta, 1), ("guidance_scale", guidance_scale, 100)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= most:
             raise CdiffError(f"{key}.{name}: must be a number in [0, {most}], got {value}")
+
+
+DEFAULT = (
+    Sampler()
+)  # the one default of the CLI, the library and params.yaml's `sample:`: DPM-Solver++(2M), 20 calls, guidance 2
 
 
 def sample(model, schedule, class_ids, sampler: Sampler, *, seed=0, device="cpu", progress=True):

@@ -173,3 +173,20 @@ def test_ddpm_posterior_mean_without_clip_matches_the_eps_form(schedule):
             else mean
         )
     assert torch.allclose(ours, x.clamp(-1, 1), atol=1e-3)  # two float32 forms of one formula
+
+
+def test_the_cli_the_library_and_params_share_one_default_sampler():
+    from pathlib import Path
+
+    import yaml
+
+    from cdiff.cli import build_parser
+    from cdiff.config import SampleConfig
+    from cdiff.samplers import DEFAULT
+
+    args = build_parser().parse_args(["sample", "models/base", "-o", "x.png"])
+    cli = Sampler.of(args.sampler, args.steps, args.eta, args.guidance)
+    params = yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text())["sample"]
+    pinned = Sampler.of(params["sampler"], params["steps"], params["eta"], params["guidance_scale"])
+    assert DEFAULT == Sampler() == Sampler.from_config(SampleConfig()) == cli == pinned
+    assert DEFAULT.label == "dpm++2m-20"

@@ -29,7 +29,12 @@ def plot_curves(path: Path, curves: dict[str, list[tuple[int, float]]], title: s
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for label, points in curves.items():
         ax.plot([s for s, _ in points], [v for _, v in points], label=label)
-    ax.set(xlabel="step", ylabel="training loss (eps MSE)", yscale="log", title=title)
+    ax.set(
+        xlabel="step",
+        ylabel="training loss (MSE of the prediction, Min-SNR-weighted if set)",
+        yscale="log",
+        title=title,
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     _save(fig, path)
