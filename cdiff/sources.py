@@ -26,10 +26,6 @@ from cdiff.errors import CdiffError, shown
 GROUP = "cdiff.uri_resolvers"
 KINDS = ("model", "adapter", "base")
 
-# The resolvers pyproject.toml registers, for an install made before it did: used only where no entry
-# point names the scheme, and only when the module imports (`pip install -e .` registers them for good).
-UNREGISTERED = {"models": "pipelines.core.tracking:resolve_uri", "runs": "pipelines.core.tracking:resolve_uri"}
-
 _URI = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters at least: C:/ is a Windows path
 _origins: dict[Path, str] = {}  # resolved folder -> the URI it came from, for messages
 
@@ -40,31 +36,31 @@ def is_uri(source) -> bool:
 
 
 def known_schemes() -> list[str]:
-    return sorted({ep.name for ep in entry_points(group=GROUP)} | set(UNREGISTERED))
+    return sorted({ep.name for ep in entry_points(group=GROUP)})
 
 
 def resolver_for(scheme: str) -> tuple[Callable, str]:
-    """(the resolver of a scheme, where it came from: 'entry point NAME = VALUE' or 'fallback VALUE')."""
+    """(the resolver of a scheme, where it came from: 'entry point NAME = VALUE'), found by entry point only."""
     found = [ep for ep in entry_points(group=GROUP) if ep.name == scheme]
-    if found:
-        target, origin = found[0].value, f"entry point {scheme} = {found[0].value}"
-    elif scheme in UNREGISTERED:
-        target, origin = UNREGISTERED[scheme], f"fallback {UNREGISTERED[scheme]}"
-    else:
-        raise CdiffError(
-            f"unknown URI scheme {scheme!r}: give a folder, or a URI of a scheme cdiff has a resolver for "
-            f"({', '.join(s + ':/' for s in known_schemes())})"
+    if not found:
+        schemes = (
+            ", ".join(s + ":/" for s in known_schemes())
+            or "none is installed: pip install -e . registers models:/ and runs:/"
         )
+        raise CdiffError(
+            f"unknown URI scheme {scheme!r}: give a folder, or a URI of a scheme cdiff has a resolver for ({schemes})"
+        )
+    target, origin = found[0].value, f"entry point {scheme} = {found[0].value}"
     module_name, _, attr = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
-        if found or (e.name and not module_name.startswith(e.name)):  # the resolver is there, a dependency is not
+        if e.name and not module_name.startswith(e.name):  # the resolver is there, a dependency is not
             raise CdiffError(
                 f"the resolver of {scheme}:/ URIs ({target}) needs {e.name}, which is not installed"
             ) from e
         raise CdiffError(
-            f"no resolver for {scheme}:/ URIs is installed: install cdiff with its pipelines "
+            f"the resolver of {scheme}:/ URIs ({target}) is registered but not importable: reinstall cdiff "
             "(pip install -e . in the cdiff repository), or give a local folder"
         ) from e
     return getattr(module, attr), origin

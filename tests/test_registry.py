@@ -312,8 +312,9 @@ def test_compare_lists_every_registered_version_with_its_aliases(store, tmp_path
     assert all(f"{r['model']} " in listed for r in rows) and listed.count("champion") == 3, listed
 
 
-def test_pyproject_registers_the_resolvers_the_fallback_names():
-    """An install made by `pip install -e .` finds the resolvers by entry point; an older one by the fallback."""
+def test_pyproject_registers_the_resolvers_by_entry_point_alone():
+    """`pip install -e .` registers models:/ and runs:/; cdiff finds them by entry point, naming no pipelines module."""
+    import ast
     import tomllib
 
     from cdiff import sources
@@ -321,8 +322,22 @@ def test_pyproject_registers_the_resolvers_the_fallback_names():
     from tests.helpers import ROOT
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert project["entry-points"][sources.GROUP] == sources.UNREGISTERED
-    assert [sources.resolver_for(scheme)[0] for scheme in sources.UNREGISTERED] == [resolve_uri, resolve_uri]
+    registered = project["entry-points"][sources.GROUP]
+    assert set(registered) == {"models", "runs"} and set(sources.known_schemes()) >= set(registered)
+    assert [sources.resolver_for(scheme)[0] for scheme in registered] == [resolve_uri, resolve_uri]
+    for path in sorted((ROOT / "cdiff").rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.FunctionDef | ast.ClassDef) and n.body and isinstance(n.body[0], ast.Expr)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.split(".")[0] == "pipelines" for n in names), f"{path} imports {names}"
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                assert "pipelines.core" not in node.value, f"{path}:{node.lineno} names {node.value!r}"
 
 
 def test_the_library_imports_no_mlflow_for_folders(tmp_path, tiny_model):
