@@ -7,6 +7,7 @@ allocates nothing) before the model is built.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,12 +42,30 @@ def save_model(model: UNet, diffusion: DiffusionConfig, path, extra: dict | None
     return save_weights_folder(MODEL, path, model.state_dict(), config, overwrite=overwrite)
 
 
-def read_model_config(path) -> dict:
+@dataclass(frozen=True)
+class ModelFolder:
+    """What a model folder's config.json says, typed: the architecture, the schedule, the class names, the
+    sha256 fingerprint of its weights, and any other fields its writer added (e.g. `merged_from`)."""
+
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    class_names: list[str] | None
+    fingerprint: str
+    extra: dict = field(default_factory=dict)
+
+
+def read_model_config(path) -> ModelFolder:
     """config.json of a model folder (or URI), every field cdiff reads checked (one-line errors naming the field)."""
     path = resolve(path, "model")
     config = read_folder_config(MODEL, path)
-    _parse(config, path)
-    return config
+    return _folder(config, *_parse(config, path), path)
+
+
+def _folder(config: dict, model_config, diffusion, names, path) -> ModelFolder:
+    if not isinstance(config.get("fingerprint"), str):
+        raise CdiffError(f"{display_path(Path(path) / MODEL_CONFIG)} has no fingerprint of its weights: save it again")
+    extra = {k: v for k, v in config.items() if k not in {"model", "diffusion", "class_names", "fingerprint"}}
+    return ModelFolder(model_config, diffusion, names, config["fingerprint"], extra)
 
 
 def _parse(config: dict, path) -> tuple[ModelConfig, DiffusionConfig, list[str] | None]:
@@ -92,15 +111,15 @@ def check_device(name) -> torch.device:
     return device
 
 
-def load_model(path, device="cpu") -> tuple[UNet, NoiseSchedule, dict]:
+def load_model(path, device="cpu") -> tuple[UNet, NoiseSchedule, ModelFolder]:
     """Load a model folder, or a model URI (cdiff.sources: `models:/cdiff-base@adapters`): (unet in eval mode,
-    its noise schedule, its config.json as a dict)."""
+    its noise schedule, its config.json as a typed `ModelFolder`)."""
     device = check_device(device)
     path = resolve(path, "model")
     tensors, config, model_config, diffusion, names = _load_checked(path)
     model = UNet(model_config, names)
     model.load_state_dict(tensors, strict=True)
-    return model.to(device).eval(), NoiseSchedule(diffusion), config
+    return model.to(device).eval(), NoiseSchedule(diffusion), _folder(config, model_config, diffusion, names, path)
 
 
 def describe(path) -> dict:

@@ -281,7 +281,7 @@ def cmd_merge(args) -> None:
         model,
         schedule.config,
         args.output,
-        extra={"merged_from": {"base": config["fingerprint"], "adapter": str(args.adapter)}},
+        extra={"merged_from": {"base": config.fingerprint, "adapter": str(args.adapter)}},
         overwrite=args.overwrite,
     )
     _say(f"wrote {args.output} (fingerprint {fp[:12]})")

@@ -26,7 +26,7 @@ def main(name: str) -> None:
     base, schedule, base_config = load_model(paths.base_model)
     train_set, val_set = (load_imageset(paths.prepared(name), split) for split in ("train", "val"))
     make_parents(paths.adapter(name), paths.finetune_curve(name), paths.finetune_run(name))
-    fp = base_config["fingerprint"]
+    fp = base_config.fingerprint
     with tracking.stage_run(p, "finetune", name) as run_id:
         tracking.log_params({"base_fingerprint": fp})
         job = job_for(p, "lora", train_set, cfg, base=Weights.of(base), lora=lora)

@@ -28,11 +28,11 @@ def main(name: str) -> None:
     metrics, grid = paths.full_metrics(name), paths.full_grid(name)
     make_parents(paths.full_model(name), metrics, paths.per_class(metrics), paths.full_curve(name), grid)
     with tracking.stage_run(p, "full_finetune", name) as run_id:
-        tracking.log_params({"base_fingerprint": base_config["fingerprint"]})
+        tracking.log_params({"base_fingerprint": base_config.fingerprint})
         with distributed.session(p):
             job = job_for(p, "full", train_set, p.train.full, base=Weights.of(base))
             model, curve = distributed.fit(p, job, mlflow_run_id=run_id)
-        extra = {"base_fingerprint": base_config["fingerprint"]}
+        extra = {"base_fingerprint": base_config.fingerprint}
         save_model(model, p.diffusion, paths.full_model(name), extra=extra, overwrite=True)
         judged = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample).model(
             model, schedule, p.sampler

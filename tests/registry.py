@@ -88,7 +88,7 @@ def make_registry(root: Path) -> Registry:
             fingerprints = {}
             for base in ("base", "base2"):
                 with mlflow.start_run(experiment_id=experiment, tags={"stage": "pretrain"}):
-                    fp = tracking.read_model_config(folders[base])["fingerprint"]
+                    fp = tracking.read_model_config(folders[base]).fingerprint
                     fingerprints[base] = fp
                     tracking.log_files(folders[base], "model")
                     tracking.log_servable("cdiff-base", folders[base], None, SAMPLER, {"fingerprint": fp})

@@ -4,15 +4,18 @@ import pickle
 import pytest
 import torch
 
-from cdiff.checkpoint import describe, load_model, save_model
+from cdiff.checkpoint import describe, load_model, read_model_config, save_model
 from cdiff.config import DiffusionConfig
 from cdiff.errors import CdiffError
 
 
 def test_model_folder_round_trip(tiny_model, tmp_path):
-    fp = save_model(tiny_model, DiffusionConfig(timesteps=50), tmp_path / "m")
+    fp = save_model(tiny_model, DiffusionConfig(timesteps=50), tmp_path / "m", extra={"merged_from": {"base": "x"}})
     model, schedule, config = load_model(tmp_path / "m")
-    assert config["fingerprint"] == fp and schedule.timesteps == 50 and model.class_names == ["cat", "dog", "bird"]
+    assert config.fingerprint == fp and schedule.timesteps == 50 and model.class_names == ["cat", "dog", "bird"]
+    assert config.model == tiny_model.config and config.diffusion == DiffusionConfig(timesteps=50)
+    assert config.class_names == ["cat", "dog", "bird"] and config.extra["merged_from"] == {"base": "x"}
+    assert read_model_config(tmp_path / "m") == config
     for k, v in tiny_model.state_dict().items():
         assert torch.equal(v, model.state_dict()[k])
     assert describe(tmp_path / "m")["kind"] == "model"

@@ -124,7 +124,7 @@ def test_train_writes_a_loadable_model(tmp_path):
 
     assert main(["train", "--source", "sklearn-digits", "--steps", "2", "-o", str(tmp_path / "m")]) == 0
     model, _, config = load_model(tmp_path / "m")
-    assert model.class_names == [str(i) for i in range(10)] and config["model"]["image_size"] == 28
+    assert model.class_names == [str(i) for i in range(10)] and config.model.image_size == 28
 
 
 def _tree(root):
@@ -300,4 +300,4 @@ print(code, sorted(m for m in sys.modules if m.split(".")[0] in ("pipelines", "r
     from cdiff.checkpoint import load_model
 
     _, _, config = load_model(tmp_path / "m")
-    assert config["model"]["image_size"] == 12 and config["diffusion"]["timesteps"] == 100  # the tiny params'
+    assert config.model.image_size == 12 and config.diffusion.timesteps == 100  # the tiny params'

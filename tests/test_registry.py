@@ -111,7 +111,7 @@ def test_info_and_merge_take_uris(store, tmp_path, capsys):
 def test_python_api_loads_uris(store):
     model, _, config = load_model(BASE)
     load_adapter(model, "models:/cdiff-adapter-letters@champion")  # an adapter with its own class names
-    assert model.class_names == ["a", "b", "c"] and config["model"]["image_size"] == 12
+    assert model.class_names == ["a", "b", "c"] and config.model.image_size == 12
 
 
 def test_an_adapter_of_another_base_is_refused_as_for_folders(store, tmp_path, capsys):

@@ -265,8 +265,11 @@ def log_servable(name: str, base: Path, adapter: Path | None, sampler: Sampler, 
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file copied
     folders = {serving.BASE: base} | ({serving.ADAPTER: adapter} if adapter is not None else {})
-    config = read_adapter_config(adapter) if adapter is not None else read_model_config(base)
-    example = serving.input_example((config.get("class_names") or ["0"])[0], sampler)
+    if adapter is not None:
+        names = read_adapter_config(adapter).get("class_names")
+    else:
+        names = read_model_config(base).class_names
+    example = serving.input_example((names or ["0"])[0], sampler)
     packages = ("mlflow", "torch", "torchvision", "safetensors", "pillow", "pandas")
     requirements = [f"{n}=={version(n)}" for n in packages]
     with tempfile.TemporaryDirectory() as tmp:
