@@ -255,9 +255,16 @@ def test_mlflow_models_serve_answers_with_the_pixels_of_cdiff_sample(store, tmp_
         rows = {"columns": ["class", "n", "seed"], "data": [["one", 3, 7], ["2", 2, 8]]}
         status, answer = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": rows})
         assert status == 200, answer
-        bad = {"columns": ["class", "n", "seed"], "data": [["nine", 1, 0]]}
-        status, error = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": bad})
-        assert status == 400 and "unknown class 'nine'" in error["message"]
+        for data, message in (
+            ([["nine", 1, 0]], "row 0: unknown class 'nine'"),
+            ([["one", 1, 0], ["2", 0, 0]], "row 1: n must be in [1, 256], got 0"),
+            ([["one", 257, 0]], "row 0: n must be in [1, 256], got 257"),
+            ([["one", 1, 0], ["one", 1, 5], ["2", 1, -1]], "row 2: seed must be in [0, 2**32 - 1], got -1"),
+            ([["one", 1, 2**32]], "row 0: seed must be in [0, 2**32 - 1], got 4294967296"),
+        ):
+            bad = {"columns": ["class", "n", "seed"], "data": data}
+            status, error = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": bad})
+            assert status == 400 and message in error["message"], (data, error)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
