@@ -159,6 +159,13 @@ def test_image_folders_must_live_where_dvc_tracks_them(tmp_path):
         raw["data"]["domains"]["digits"]["source"] = "imagefolder:data/images/pets"
 
     assert load_params(_write(tmp_path, edit)).domain("digits").source == "imagefolder:data/images/pets"
+    for outside in ("/tmp/pets", "data/pets", "data/images/../raw/pets", "data/images"):
+
+        def move(raw, outside=outside):
+            raw["data"]["domains"]["digits"]["source"] = f"imagefolder:{outside}"
+
+        with pytest.raises(CdiffError, match=r"^data\.domains\.digits\.source: image folders live under"):
+            load_params(_write(tmp_path, move))
 
 
 def test_library_sections_load_without_the_pipeline_sections(tmp_path):

@@ -168,10 +168,15 @@ from mlflow.tracking import MlflowClient
 mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
 c = MlflowClient()
 runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="tags.tune_experiment = '{name}'")
-run_id = runs[(runs["params.r"] == "2") & (runs["params.lr"] == "0.003")]["run_id"].iloc[0]
-print(json.dumps({{k: [m.step for m in c.get_metric_history(run_id, k)] for k in ("fid", "gan_test", "val_loss")}}))
+print(json.dumps({{r: {{k: [m.step for m in c.get_metric_history(r, k)] for k in ("fid", "gan_test", "val_loss")}}
+                  for r in runs["run_id"]}}))
 """
     curves = json.loads(run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
-    steps = sorted(curves["val_loss"])
-    assert steps == sorted(curves["fid"]) == sorted(curves["gan_test"])
-    assert set(steps) <= {5, 10, 20} and 5 in steps  # ASHA's rungs (grace 5, factor 2) and the last step only
+    assert len(curves) == 3
+    for trial in curves.values():  # every trial, not only the first: the judge scores at ASHA's rungs alone
+        steps = sorted(trial["val_loss"])
+        assert steps == sorted(trial["fid"]) == sorted(trial["gan_test"])
+        assert set(steps) <= {5, 10, 20} and 5 in steps  # the rungs (grace 5, factor 2) and the last step only
+    # the searcher Tune saved beside the trials is Optuna's TPE (its state names its sampler; read as bytes)
+    (state,) = experiment(work / "ray_fid").glob("searcher-state-*.pkl")
+    assert b"OptunaSearch" in state.read_bytes() and b"TPESampler" in state.read_bytes()

@@ -234,8 +234,9 @@ def _check_mlflow_name(name, key: str, named: str = "") -> None:
 
 
 def _check_image_folder(source: str, key: str) -> None:
-    """An image folder must lie under data/images/, which the prepare stages depend on (dvc.yaml)."""
+    """An image folder must be a folder inside data/images/ (its own prepare stage depends on it in dvc.yaml)."""
     folder = source.removeprefix("imagefolder:")
-    inside = folder == source or (paths.root / folder).resolve().is_relative_to(paths.images)
+    resolved, images = (paths.root / folder).resolve(), paths.images.resolve()
+    inside = folder == source or (resolved != images and resolved.is_relative_to(images))
     where = paths.show(paths.images)
     _check(inside, key, f"image folders live under {where}/ (so DVC sees their changes): move or link {folder} there")
