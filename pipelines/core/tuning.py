@@ -145,7 +145,8 @@ def _searcher(t: TuneConfig, start: dict, seed: int):
         from ray.tune.search.optuna import OptunaSearch
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial otherwise
-        return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[start], seed=seed), t.max_concurrent)
+        tpe = optuna.samplers.TPESampler(seed=seed)  # Optuna's default, named: the saved search state says so
+        return ConcurrencyLimiter(OptunaSearch(points_to_evaluate=[start], sampler=tpe), t.max_concurrent)
     # the concurrency limit belongs to the search generator: Tune ignores max_concurrent_trials for one
     return BasicVariantGenerator(points_to_evaluate=[start], random_state=seed, max_concurrent=t.max_concurrent)
 
