@@ -146,9 +146,13 @@ class DataConfig:
     root: str = "data/raw"  # where torchvision-style datasets live or download to
     download: bool = False  # allow torchvision downloads
     val_fraction: float = 0.1  # held out of each training split for validation loss
+    background: str = "white"  # what image folders' transparent pixels are composited onto: white or black
 
     def validate(self, key: str = "data") -> None:
+        from cdiff.data import BACKGROUNDS
+
         self.base.validate(f"{key}.base")
+        _check(self.background in BACKGROUNDS, f"{key}.background", f"must be one of {', '.join(BACKGROUNDS)}")
         _check(0 < self.val_fraction < 0.5, f"{key}.val_fraction", "must be in (0, 0.5)")
         for name, d in self.domains.items():
             d.name = name

@@ -134,7 +134,7 @@ def _sklearn_digits(split, root, download, size, channels, seed) -> ImageSet:
     return _fit(_split(full, split, seed), size, channels)
 
 
-def _image_folder(path: str):
+def _image_folder(path: str, background: str = "white"):
     def load(split, root, download, size, channels, seed) -> ImageSet:
         folder = Path(path).expanduser()
         if not folder.is_dir():
@@ -152,7 +152,8 @@ def _image_folder(path: str):
                     f"class folder {display_path(folder / name)} has no PNG/JPEG images: add some or remove it"
                 )
             for file in files:
-                images.append(_fit_one(torch.from_numpy(_read_image(file, channels, size)), size))  # sizes are fitted
+                image = _read_image(file, channels, size, BACKGROUNDS[background])
+                images.append(_fit_one(torch.from_numpy(image), size))  # sizes are fitted
                 labels.append(label)
         full = ImageSet(torch.stack(images), torch.tensor(labels, dtype=torch.long), classes)
         return _split(full, split, seed)
@@ -177,8 +178,15 @@ def _image_files(folder: Path) -> list[Path]:
     return files
 
 
-def _read_image(file: Path, channels: int, size: int) -> np.ndarray:
-    """(C, h, w) uint8 of one image file; 16-bit greys scaled to 8 bits (not clipped); errors say why."""
+BACKGROUNDS = {"white": 255, "black": 0}  # data.background: the grey level transparent pixels become
+
+
+def _read_image(file: Path, channels: int, size: int, background: int = 255) -> np.ndarray:
+    """(C, h, w) uint8 of one image file; 16-bit greys scaled to 8 bits (not clipped); errors say why.
+
+    An image with transparency (RGBA, LA, PA, or P/L/RGB with a transparent colour) is composited onto the grey
+    level `background` first: converting it to L or RGB straight would drop alpha, and turn a dark icon on a
+    transparent background (stored as black, alpha 0) into black on black."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -190,6 +198,7 @@ def _read_image(file: Path, channels: int, size: int) -> np.ndarray:
                     grey = (np.asarray(im).astype(np.float64) * (255 / 65535)).round().clip(0, 255).astype(np.uint8)
                     arr = grey if channels == 1 else np.stack([grey] * 3, axis=-1)
                 else:
+                    im = _composited(im, background)
                     arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)  # modes converted
     except UnidentifiedImageError as e:
         raise CdiffError(f"cannot read image {display_path(file)}: not an image file: fix or remove it") from e
@@ -200,6 +209,16 @@ def _read_image(file: Path, channels: int, size: int) -> np.ndarray:
         reason = "truncated file" if "truncated" in str(e) else (str(e).splitlines() or [e.__class__.__name__])[0]
         raise CdiffError(f"cannot read image {display_path(file)}: {reason[:120]}: fix or remove it") from e
     return (arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)).copy()  # writable, for torch.from_numpy
+
+
+def _composited(im, background: int):
+    """The image over an opaque background where it has transparency; itself otherwise."""
+    from PIL import Image
+
+    if im.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in im.info:
+        return im
+    rgba = im.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (background,) * 3 + (255,)), rgba).convert("RGB")
 
 
 SOURCES: dict[str, Source] = {
@@ -227,14 +246,22 @@ def check_source(spec: str, key: str = "source") -> None:
 
 
 def load_source(
-    spec: str, split: str, size: int, channels: int, root="data/raw", download=False, seed: int = 0
+    spec: str,
+    split: str,
+    size: int,
+    channels: int,
+    root="data/raw",
+    download=False,
+    seed: int = 0,
+    background: str = "white",
 ) -> ImageSet:
     """Load split 'train' or 'test' of a source, fitted to (channels, size, size).
 
     Sources without their own split (sklearn-digits, image folders) are split by class with `seed`.
     """
     check_source(spec)
-    loader = _image_folder(spec.split(":", 1)[1]) if spec.startswith("imagefolder:") else SOURCES[spec].load
+    folder = spec.startswith("imagefolder:")
+    loader = _image_folder(spec.split(":", 1)[1], background) if folder else SOURCES[spec].load
     return loader(split, str(Path(root).expanduser()), download, size, channels, seed)
 
 
@@ -362,10 +389,13 @@ def _class_id(names: list[str], item: str) -> int:
 # ---- prepared datasets on disk ---------------------------------------------------------------
 
 
-def prepare_domain(source, transforms, size, channels, root, download, val_fraction, seed) -> dict[str, ImageSet]:
-    """train / val / test sets of one domain: val is a seeded hold-out of the training split."""
-    train = apply_transforms(load_source(source, "train", size, channels, root, download, seed), transforms, "train")
-    test = apply_transforms(load_source(source, "test", size, channels, root, download, seed), transforms, "test")
+def prepare_domain(
+    source, transforms, size, channels, root, download, val_fraction, seed, background: str = "white"
+) -> dict[str, ImageSet]:
+    """train / val / test sets of one domain: val is a seeded hold-out of the training split. Image folders'
+    transparent pixels become `background` (BACKGROUNDS)."""
+    sets = {s: load_source(source, s, size, channels, root, download, seed, background) for s in ("train", "test")}
+    train, test = (apply_transforms(sets[s], transforms, s) for s in ("train", "test"))
     if len(train) < 2:
         raise CdiffError(f"source {source} gives {len(train)} training image(s) after transforms: need at least 2")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))

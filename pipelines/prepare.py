@@ -27,6 +27,7 @@ def main(name: str) -> None:
         p.data.download,
         p.data.val_fraction,
         p.seed,
+        p.data.background,
     )
     if len(sets["train"].class_names) > p.model.num_classes:
         raise CdiffError(

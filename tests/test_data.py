@@ -230,3 +230,56 @@ def test_split_is_stratified_by_class_and_seeded():
     assert torch.equal(digits[0].images, digits[1].images) and not torch.equal(digits[0].images, digits[2].images)
     counts = digits[0].labels.bincount().float()
     assert counts.max() - counts.min() <= 2  # sklearn's digits are balanced: so is the stratified test split
+
+
+def _icon(mode: str, ink: int, hidden: int) -> Image.Image:
+    """A 16x16 disc of grey `ink` on a transparent background whose hidden colour is `hidden` (icon themes store
+    black, alpha 0), in the PIL mode an icon file has: RGBA, LA, or a palette with a transparent index."""
+    yy, xx = np.mgrid[:16, :16]
+    disc = (yy - 7.5) ** 2 + (xx - 7.5) ** 2 < 25
+    grey = np.where(disc, ink, hidden).astype(np.uint8)
+    alpha = np.where(disc, 255, 0).astype(np.uint8)
+    if mode == "P":
+        p = Image.fromarray(np.where(disc, 1, 0).astype(np.uint8), "P")
+        p.putpalette([hidden] * 3 + [ink] * 3)
+        p.info["transparency"] = 0
+        return p
+    if mode == "LA":
+        return Image.fromarray(np.stack([grey, alpha], -1), "LA")
+    return Image.fromarray(np.stack([grey, grey, grey, alpha], -1), "RGBA")
+
+
+@pytest.mark.parametrize("background, ink, hidden", [("white", 20, 0), ("black", 235, 255)])
+def test_transparent_icons_are_composited_onto_the_background(tmp_path, background, ink, hidden):
+    # a dark icon on transparency over white, a light one over black: each stays visible (converting to L straight
+    # drops alpha: the hidden colour shows, black on black, white on white)
+    modes = ("RGBA", "LA", "P")
+    spec = _folder(tmp_path, {m: {f"{i}.png": _icon(m, ink, hidden) for i in range(3)} for m in modes})
+    for channels in (1, 3):
+        sets = [load_source(spec, split, 16, channels, background=background) for split in ("train", "test")]
+        images = torch.cat([s.images for s in sets]).float()
+        assert len(images) == 9 and images.shape[1] == channels
+        corner, centre = images[:, :, 0, 0], images[:, :, 8, 8]
+        assert (corner == (255 if background == "white" else 0)).all(), corner
+        assert (centre - ink).abs().max() <= 1, centre
+
+
+def test_half_transparent_pixels_blend_with_the_background_and_opaque_images_are_unchanged(tmp_path):
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 3] = 128  # black at half opacity
+    opaque = Image.fromarray(np.full((16, 16), 77, np.uint8))
+    spec = _folder(
+        tmp_path,
+        {"a": {f"{i}.png": Image.fromarray(rgba, "RGBA") for i in range(2)}, "b": {"0.png": opaque, "1.png": opaque}},
+    )
+    images = torch.cat([load_source(spec, s, 16, 1).images for s in ("train", "test")])
+    labels = torch.cat([load_source(spec, s, 16, 1).labels for s in ("train", "test")])
+    assert ((images[labels == 0].float() - 127).abs() <= 1).all()  # white under half of black
+    assert (images[labels == 1] == 77).all()
+
+
+def test_prepare_domain_takes_the_background(tmp_path):
+    spec = _folder(tmp_path / "icons", {c: {f"{i}.png": _icon("RGBA", 20, 0) for i in range(4)} for c in "ab"})
+    for background, level in (("white", 255), ("black", 0)):
+        sets = prepare_domain(spec, [], 16, 1, "data/raw", False, 0.25, 0, background)
+        assert (sets["train"].images[:, 0, 0, 0] == level).all()
