@@ -190,3 +190,42 @@ def test_new_sampler_and_recipe_values_load(tmp_path):
     assert p.sampler == Sampler("dpm++2m", 20, 0.0, p.sample.guidance_scale)
     assert p.train.base.precision == "bf16" and p.train.base.channels_last and p.train.base.compile
     assert Sampler.parse("dpm++2m-20") == Sampler("dpm++2m", 20) and Sampler.parse("ddpm").steps is None
+
+
+def test_cross_field_checks_refuse_before_anything_trains(tmp_path):
+    # samplers that would take more steps than the schedule has, and FIDs of too few images, each named by key
+    cases = [
+        (
+            lambda r: r["sample"].update(steps=1001),
+            r"^sample\.steps: dpm\+\+2m-1001 takes 1001 steps; diffusion\.timesteps is 1000$",
+        ),
+        (
+            lambda r: r["diffusion"].update(timesteps=10),
+            r"^sample\.steps: dpm\+\+2m-20 takes 20 steps; diffusion\.timesteps is 10$",
+        ),
+        (
+            lambda r: r["evaluate"].update(sampler_sweep=["ddim-20", "ddim-2000"]),
+            r"^evaluate\.sampler_sweep: ddim-2000 takes 2000",
+        ),
+        (lambda r: r["tune"].update(objective_sampler="ddim-5000"), r"^tune\.objective_sampler: ddim-5000 takes 5000"),
+        (
+            lambda r: r["evaluate"].update(fid_per_class=1),
+            r"^evaluate\.fid_per_class: FID needs at least 2 images per class$",
+        ),
+        (lambda r: r["evaluate"].update(sweep_per_class=1), r"^evaluate\.sweep_per_class: FID needs at least 2"),
+        (
+            lambda r: r["tune"].update(objective="fid", objective_per_class=1),
+            r"^tune\.objective_per_class: must be at least 2 for a judge objective$",
+        ),
+    ]
+    for edit, message in cases:
+        with pytest.raises(CdiffError, match=message):
+            load_params(_write(tmp_path, edit))
+    fine = [
+        lambda r: r["sample"].update(steps=1000),
+        lambda r: r["sample"].update(sampler="ddpm", steps=1000),
+        lambda r: r["tune"].update(objective="val_loss", objective_per_class=1),  # unused by a loss objective
+        lambda r: r["evaluate"].update(fid_per_class=2, sweep_per_class=2),
+    ]
+    for edit in fine:
+        load_params(_write(tmp_path, edit))

@@ -71,7 +71,12 @@ class TuneConfig:
         _check(1 <= self.grace_period <= self.steps_per_trial, f"{key}.grace_period", "must be in [1, steps]")
         _check(self.reduction_factor >= 2, f"{key}.reduction_factor", "must be at least 2")
         _check(self.objective in OBJECTIVES, f"{key}.objective", f"must be one of {', '.join(OBJECTIVES)}")
-        _check(self.objective_per_class >= 1, f"{key}.objective_per_class", "must be at least 1")
+        judged = self.objective != "val_loss"  # fid and gan_test score generated images; fid fits a covariance
+        _check(
+            self.objective_per_class >= (2 if judged else 1),
+            f"{key}.objective_per_class",
+            f"must be at least {'2 for a judge objective' if judged else 1}",
+        )
         _check(
             math.isfinite(self.objective_guidance) and self.objective_guidance >= 0,
             f"{key}.objective_guidance",
@@ -91,8 +96,9 @@ class EvaluateConfig:
     full_finetune: list[str] = field(default_factory=list)  # domains that also get a full fine-tune reference
 
     def validate(self, key: str = "evaluate") -> None:
-        for name in ("val_images", "fid_per_class", "sweep_per_class"):
-            _check(getattr(self, name) >= 1, f"{key}.{name}", "must be at least 1")
+        _check(self.val_images >= 1, f"{key}.val_images", "must be at least 1")
+        for name in ("fid_per_class", "sweep_per_class"):  # an FID fits a covariance to each model's features
+            _check(getattr(self, name) >= 2, f"{key}.{name}", "FID needs at least 2 images per class")
         for g in self.guidance_sweep:
             _check(math.isfinite(g) and g >= 0, f"{key}.guidance_sweep", "entries must be numbers >= 0")
         for spec in self.sampler_sweep:
@@ -183,6 +189,19 @@ class Params:
             *((f"data.domains.{n}", d) for n, d in self.data.domains.items()),
         ]:
             _check_image_folder(d.source, f"{key}.source")
+        self._check_sampler_steps()  # each section on its own is checked above
+
+    def _check_sampler_steps(self) -> None:
+        """Every sampler the pipeline runs takes at most diffusion.timesteps steps: refused now, not after training."""
+        T = self.diffusion.timesteps
+        runs = [("sample.steps", self.sampler), ("tune.objective_sampler", self.tune.sampler)]
+        runs += [
+            ("evaluate.sampler_sweep", Sampler.parse(s, key="evaluate.sampler_sweep"))
+            for s in self.evaluate.sampler_sweep
+        ]
+        for key, sampler in runs:
+            steps = sampler.steps
+            _check(steps is None or steps <= T, key, f"{sampler.label} takes {steps} steps; diffusion.timesteps is {T}")
 
     @property
     def sampler(self) -> Sampler:
