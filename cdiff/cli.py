@@ -182,17 +182,21 @@ def cmd_compare(args) -> None:
     from cdiff.results import RunSummary, load
 
     run = load(args.summary, RunSummary, "run summary (made by `dvc repro`, stage report)")
+
+    def of(score, field: str):  # None where a judge cannot score the domain (one class)
+        return None if score is None else getattr(score, field)
+
     rows = [
         {
             "domain": name,
-            "fid_floor": d.evaluation.floor.fid,
-            "fid_base": d.evaluation.base.fid,
-            "fid_adapter": d.evaluation.adapter.fid,
-            "fid_adapter_95": d.evaluation.adapter.fid_interval,
+            "fid_floor": of(d.evaluation.floor, "fid"),
+            "fid_base": of(d.evaluation.base, "fid"),
+            "fid_adapter": of(d.evaluation.adapter, "fid"),
+            "fid_adapter_95": of(d.evaluation.adapter, "fid_interval"),
             "fid_full": d.full.score.fid if d.full else None,
             "fid_full_95": d.full.score.fid_interval if d.full else None,
-            "gan_test": d.evaluation.adapter.gan_test,
-            "gan_test_95": d.evaluation.adapter.gan_test_interval,
+            "gan_test": of(d.evaluation.adapter, "gan_test"),
+            "gan_test_95": of(d.evaluation.adapter, "gan_test_interval"),
             "judge_acc": d.evaluation.judge_test_accuracy,
             "r": d.evaluation.r,
             "alpha": d.evaluation.alpha,

@@ -70,9 +70,9 @@ class BaseEvaluation:
 
 @dataclass(frozen=True)
 class DomainEvaluation:
-    floor: Score
-    base: Score  # the base alone on the domain
-    adapter: Score  # base + adapter (merged)
+    floor: Score | None  # None, like base and adapter, where a judge cannot score the domain (see judge_note)
+    base: Score | None  # the base alone on the domain
+    adapter: Score | None  # base + adapter (merged)
     test_loss_base: float  # the deterministic epsilon loss on the test split
     test_loss_adapter: float
     judge_test_accuracy: float
@@ -80,6 +80,7 @@ class DomainEvaluation:
     alpha: float
     trainable_params: int
     trainable_share: float  # of the base's parameters
+    judge_note: str = ""  # why the judge scores are None (a domain of one class), else empty
 
 
 @dataclass(frozen=True)

@@ -41,11 +41,11 @@ def row(run: dict, ft: FinetuneResult | None, ev: DomainEvaluation | None) -> di
         "val_loss": ft.val_loss if ft else None,
         "test_loss_base": ev.test_loss_base if ev else None,
         "test_loss_adapter": ev.test_loss_adapter if ev else None,
-        "fid_base": ev.base.fid if ev else None,
-        "fid_adapter": ev.adapter.fid if ev else None,
-        "fid_adapter_95": ev.adapter.fid_interval if ev else None,
-        "gan_test": ev.adapter.gan_test if ev else None,
-        "gan_test_95": ev.adapter.gan_test_interval if ev else None,
+        "fid_base": ev.base.fid if ev and ev.base else None,  # None too where a judge cannot score the domain
+        "fid_adapter": ev.adapter.fid if ev and ev.adapter else None,
+        "fid_adapter_95": ev.adapter.fid_interval if ev and ev.adapter else None,
+        "gan_test": ev.adapter.gan_test if ev and ev.adapter else None,
+        "gan_test_95": ev.adapter.gan_test_interval if ev and ev.adapter else None,
         "commit": run["commit"][:8],
         "run_id": run["run_id"],
     }

@@ -11,6 +11,7 @@ from cdiff import results
 from cdiff.checkpoint import load_model
 from cdiff.data import load_imageset
 from cdiff.lora import adapter_state_dict, load_adapter, merge_lora, read_adapter_config
+from cdiff.metrics import NotComputable
 from cdiff.train import validation_loss
 from pipelines.core import tracking
 from pipelines.core.config import params
@@ -24,22 +25,25 @@ def main(name: str) -> None:
     p = params()
     train_set, test_set = (load_imageset(paths.prepared(name), split) for split in ("train", "test"))
     judge = results.load(paths.judge_metrics(name), results.JudgeResult)
-    scorer = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample)
+    try:
+        scorer, note = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample), ""
+    except NotComputable as e:  # one class: the losses and the adapter's size still say something
+        scorer, note = None, str(e)
     model, schedule, _ = load_model(paths.base_model)
     base_params = sum(t.numel() for t in model.parameters())
     loss_base = validation_loss(model, schedule, test_set, p.evaluate.val_images, seed=p.seed)
-    base = scorer.model(model, schedule, p.sampler)
+    base = scorer.model(model, schedule, p.sampler) if scorer else None
     adapter_config = read_adapter_config(paths.adapter(name))  # the rank and alpha it was trained with
     load_adapter(model, paths.adapter(name))
     trainable = sum(t.numel() for t in adapter_state_dict(model).values())  # what the adapter trained
     loss_adapter = validation_loss(model, schedule, test_set, p.evaluate.val_images, seed=p.seed)
     merge_lora(model)  # zero-overhead inference
-    adapter = scorer.model(model, schedule, p.sampler)
-    floor = scorer.floor(train_set)
+    adapter = scorer.model(model, schedule, p.sampler) if scorer else None
+    floor = scorer.floor(train_set) if scorer else None
     evaluation = results.DomainEvaluation(
-        floor.score,
-        base.score,
-        adapter.score,
+        floor and floor.score,
+        base and base.score,
+        adapter and adapter.score,
         loss_base,
         loss_adapter,
         judge.test_accuracy,
@@ -47,8 +51,9 @@ def main(name: str) -> None:
         float(adapter_config["lora_alpha"]),
         trainable,
         trainable / base_params,
+        note,
     )
-    per_class = results.PerClass({"base": base.per_class, "adapter": adapter.per_class})
+    per_class = results.PerClass({"base": base.per_class, "adapter": adapter.per_class} if scorer else {})
     metrics = paths.domain_metrics(name)
     make_parents(metrics, paths.per_class(metrics))
     results.save(metrics, evaluation)
@@ -56,6 +61,10 @@ def main(name: str) -> None:
     with tracking.reopen(p, paths.finetune_run(name)) as run:
         tracking.log_result(evaluation)
         tracking.log_result(per_class)
+    if scorer is None:
+        losses = f"test loss base {loss_base:.4f} -> adapter {loss_adapter:.4f}"
+        summary(f"adapter v{run.model_version} scored", losses, f"{paths.show(metrics)}; {note}; champion not moved")
+        return
     champion, why = tracking.set_champion(p.mlflow.adapter_model_prefix + name, run.model_version, adapter.score)
     fid = f"FID base {base.score.shown('fid')} -> adapter {adapter.score.shown('fid')} (floor {floor.score.fid:.2f})"
     accuracy = f"GAN-test {base.score.gan_test:.3f} -> {adapter.score.gan_test:.3f}"

@@ -60,6 +60,7 @@ def test_every_output_exists(project):
         "reports/summary.json",
         "reports/base/sweep_sampler.png",
         "reports/inverted/samples.png",
+        "reports/inverted/real.png",  # the real training images beside the samples
         "reports/rotated/report.md",
     ):
         assert (work / path).is_file(), path
@@ -272,6 +273,33 @@ print(json.dumps(sorted(runs["params.train.lora.steps"].tolist())))
     assert (work / "adapters" / "inverted" / "adapter.safetensors").read_bytes() == adapter
     assert "up to date" in _run(["dvc", "status"], work, env)
     assert not (work / "mlruns").exists()
+
+
+def test_a_one_class_domain_runs_through_with_its_judge_scores_marked_not_computable(project, tmp_path):
+    """A domain of one class is allowed: its evaluate stage finishes, the judge's scores marked n/a (a judge of
+    one class calls everything perfect), instead of NotComputable stopping `dvc repro`. In a copy of the project,
+    so that the tests after this one read the original; it logs to the original's MLflow store, which the runs
+    it reopens live in (a copied store refuses to work in its new place)."""
+    work, env, _ = project
+    copy = tmp_path / "one-class"
+    shutil.copytree(work, copy, symlinks=True)
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work}/mlflow.db"}
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    params["data"]["domains"]["rotated"]["transforms"] = ["rotate:90", "subset_classes:[3]", "limit_per_class:10"]
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = _run(["dvc", "repro"], copy, env, check=False)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "judge metrics need at least two classes" in out.stdout + out.stderr  # evaluate@rotated's summary
+    ev = results.load(copy / "metrics" / "rotated.json", results.DomainEvaluation)
+    assert ev.floor is None and ev.base is None and ev.adapter is None
+    assert ev.judge_note.startswith("judge metrics need at least two classes, this domain has 1")
+    assert ev.test_loss_adapter > 0 and ev.trainable_params > 0  # what can be measured still is
+    page = (copy / "reports" / "rotated" / "report.md").read_text()
+    assert "n/a: judge metrics need at least two classes" in page and "| n/a | n/a |" in page
+    run = results.load(copy / "reports" / "summary.json", results.RunSummary)
+    assert [g.goal for g in run.domains["rotated"].goals] == ["trainable parameters <= 3% of the base"]
+    assert len(run.domains["inverted"].goals) > 1  # the other domain is judged as before
+    assert "| rotated | n/a | n/a | n/a |" in (copy / "reports" / "report.md").read_text()
 
 
 def test_forced_rerun_from_scratch_is_bit_identical(project):  # keep last: see its end

@@ -59,8 +59,15 @@ def plot_sweep(path: Path, points: list[SweepPoint], x: str, title: str) -> None
 
 
 def plot_per_class(path: Path, per_class: dict[str, dict[str, float]], title: str) -> None:
-    """GAN-test accuracy per class, one bar group per model."""
+    """GAN-test accuracy per class, one bar group per model (a figure saying so where there are no scores)."""
     plt = _pyplot()
+    if not per_class:
+        fig, ax = plt.subplots(figsize=(6, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no judge scores: a judge cannot score a domain of one class", ha="center", va="center")
+        ax.set(title=title)
+        _save(fig, path)
+        return
     classes = list(next(iter(per_class.values())))
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(classes)), 3.5))
     width = 0.8 / len(per_class)

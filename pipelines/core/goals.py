@@ -19,11 +19,15 @@ def base_goals(e: BaseEvaluation) -> list[Goal]:
 
 
 def domain_goals(e: DomainEvaluation, full: FullFinetuneResult | None) -> list[Goal]:
-    """A domain adapter, against the base alone and (when there is one) the full fine-tune."""
+    """A domain adapter, against the base alone and (when there is one) the full fine-tune. The judge's goals
+    are left out where a judge cannot score the domain (e.judge_note says why)."""
+    size = _goal("trainable parameters <= 3% of the base", e.trainable_share, 0.03, e.trainable_share <= 0.03)
+    if e.adapter is None or e.base is None:
+        return [size]
     goals = [
         _goal("FID better than the base without adapter", e.adapter.fid, e.base.fid, e.adapter.fid < e.base.fid),
         _goal("GAN-test accuracy >= 70%", e.adapter.gan_test, 0.7, e.adapter.gan_test >= 0.7),
-        _goal("trainable parameters <= 3% of the base", e.trainable_share, 0.03, e.trainable_share <= 0.03),
+        size,
     ]
     if full is not None:
         gap = e.base.fid - full.score.fid

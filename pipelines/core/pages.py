@@ -32,8 +32,12 @@ def goals_table(goals: list[Goal]) -> str:
 
 
 def _both(score) -> list[str]:
-    """FID and GAN-test accuracy of a score, each with its interval where it has one."""
-    return [score.shown("fid"), score.shown("gan_test")]
+    """FID and GAN-test accuracy of a score, each with its interval where it has one ("n/a": no judge score)."""
+    return ["n/a", "n/a"] if score is None else [score.shown("fid"), score.shown("gan_test")]
+
+
+def _fid(score) -> float | str:
+    return "n/a" if score is None else score.fid
 
 
 def _sweep(points: list[SweepPoint], over: str) -> str:
@@ -96,7 +100,7 @@ def domain_page(name: str, source: str, transforms: list[str], settings: str, d:
     return f"""# Domain {name} ({source}, transforms {transforms or "none"})
 
 Sampling: {settings}. Judge: a CNN trained on this domain's real train split, {e.judge_test_accuracy:.1%} real test accuracy.
-Brackets: seeded bootstrap 95% intervals.
+Brackets: seeded bootstrap 95% intervals.{f" n/a: {e.judge_note}." if e.judge_note else ""}
 
 {table(["model", "FID", "GAN-test accuracy", "test loss", "trainable params"], rows)}
 
@@ -119,11 +123,10 @@ def index_page(dataset: str, summary: RunSummary) -> str:
     rows = [
         [
             name,
-            d.evaluation.floor.fid,
-            d.evaluation.base.fid,
-            d.evaluation.adapter.shown("fid"),
+            *(_fid(d.evaluation.floor), _fid(d.evaluation.base)),
+            _both(d.evaluation.adapter)[0],
             d.full.score.shown("fid") if d.full else None,
-            d.evaluation.adapter.shown("gan_test"),
+            _both(d.evaluation.adapter)[1],
             d.evaluation.judge_test_accuracy,
         ]
         for name, d in summary.domains.items()
