@@ -59,6 +59,16 @@ def save_grid(path, images: torch.Tensor, row_labels: list[str], per_row: int, t
     save_picture(path, grid_image(images, row_labels, per_row, title=title))
 
 
+def real_grid(path, data, per_class: int, title: str = "real training images") -> None:
+    """The first `per_class` images of each class of an ImageSet, one row per class, as the sample grids draw
+    them: what a model learned from, beside what it makes (a class with fewer images gets white cells)."""
+    rows = []
+    for c in range(len(data.class_names)):
+        images = data.images[data.labels == c][:per_class].float() / 127.5 - 1
+        rows += [images, torch.ones((per_class - len(images), *data.images.shape[1:]))]
+    save_grid(path, torch.cat(rows), data.class_names, per_class, title=title)
+
+
 def sample_picture(
     model,
     schedule,

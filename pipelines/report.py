@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 from cdiff import results
+from cdiff.data import load_imageset
+from cdiff.grid import real_grid
 from cdiff.io import atomic_dir, atomic_write
 from pipelines.core import figures, goals, pages, tracking
 from pipelines.core.config import Params, params
@@ -73,7 +75,12 @@ def base_folder(p: Params, run: results.RunSummary, out: Path) -> None:
 
 def domain_folder(p: Params, name: str, d: results.DomainSummary, settings: str, out: Path) -> None:
     out.mkdir()
-    grids = {"base alone": paths.domain_grid(name, "base"), "base + LoRA adapter": paths.domain_grid(name, "adapter")}
+    real_grid(out / "real.png", load_imageset(paths.prepared(name), "train"), p.sample.per_class)
+    grids = {
+        "real training images": out / "real.png",  # what the adapter learned from (image folders as prepared)
+        "base alone": paths.domain_grid(name, "base"),
+        "base + LoRA adapter": paths.domain_grid(name, "adapter"),
+    }
     curves = {"LoRA adapter": results.load_curve(paths.finetune_curve(name))}
     per_class = results.load(paths.per_class(paths.domain_metrics(name)), results.PerClass).accuracy
     if d.full is not None:

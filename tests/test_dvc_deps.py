@@ -117,6 +117,7 @@ def layout_paths(stage: str, L: Layout, base: str) -> tuple[set, set]:
                 L.pretrain_curve.parent,
                 L.base_grid.parent,
                 L.tune_best(d).parent.parent,
+                L.prepared(d).parent,  # the real training images of each domain
                 L.pretrain_run.parent,
             },
             {L.reports},

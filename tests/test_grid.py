@@ -42,3 +42,19 @@ def test_tile_draws_the_picture_torchvision_make_grid_draws(n, channels, h, w, p
     )
     expected = make_grid(images, nrow=per_row, padding=padding, pad_value=255)
     assert torch.equal(tile(images, per_row, padding), expected)
+
+
+def test_real_grid_shows_each_class_first_images_in_its_row(tmp_path):
+    from cdiff.data import ImageSet
+    from cdiff.grid import grid_image, real_grid
+
+    images = torch.tensor([0, 255, 0, 255, 255], dtype=torch.uint8).view(5, 1, 1, 1).expand(5, 1, 4, 4)
+    data = ImageSet(images.contiguous(), torch.tensor([0, 1, 0, 1, 2]), ["dark", "light", "few"])
+    real_grid(tmp_path / "real.png", data, 2, title="real")
+    # by hand: class 0's two black images, class 1's two white ones, class 2's one image then a blank (white) cell
+    expected = torch.tensor([-1.0, -1, 1, 1, 1, 1]).view(6, 1, 1, 1).expand(6, 1, 4, 4)
+    want = grid_image(expected, ["dark", "light", "few"], 2, title="real")
+    got = Image.open(tmp_path / "real.png").convert("RGB")
+    assert got.size == want.size and got.tobytes() == want.tobytes()
+    wrong = grid_image(expected.flip(0), ["dark", "light", "few"], 2, title="real")
+    assert got.tobytes() != wrong.tobytes()
