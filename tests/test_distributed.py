@@ -1,4 +1,4 @@
-"""Ray Train: 2 CPU workers and 1 worker with the same global batch and seed give the same losses."""
+"""Ray Train: 2 CPU workers and 1 worker (each in its own storage) with one global batch and seed: equal losses."""
 
 import dataclasses
 import os
@@ -9,23 +9,30 @@ import pytest
 from cdiff.data import load_source
 from pipelines.core import distributed
 from pipelines.core.config import load_params
-from pipelines.core.jobs import job_for
+from pipelines.core.jobs import job_for, run_name
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_two_workers_match_one_worker(tmp_path, monkeypatch):
+    from ray.train import Result
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     p = load_params(ROOT / "tests" / "tiny_params.yaml")
-    p.ray = dataclasses.replace(p.ray, storage_path=str(tmp_path), cpus_per_worker=1.0)
     data = load_source("sklearn-digits", "train", p.model.image_size, p.model.channels)
     cfg = dataclasses.replace(p.train.base, steps=6, log_every=1, checkpoint_every=3)
     curves = {}
     with distributed.session(p):
         for workers in (1, 2):
-            p.ray = dataclasses.replace(p.ray, num_workers=workers)
-            _, curves[workers] = distributed.fit(p, job_for(p, "base", data, cfg))
+            # each worker count its own storage: one run of this job there, trained from step 0 (the same job
+            # in one storage would resume the other's final checkpoint and hand back its curve)
+            storage = tmp_path / f"workers-{workers}"
+            p.ray = dataclasses.replace(p.ray, storage_path=str(storage), cpus_per_worker=1.0, num_workers=workers)
+            job = job_for(p, "base", data, cfg)
+            _, curves[workers] = distributed.fit(p, job)
+            reported = Result.from_path(str(storage / run_name(job))).metrics
+            assert reported["world_size"] == workers and reported["step"] == 6, reported
     assert [s for s, _ in curves[1]] == [s for s, _ in curves[2]] == list(range(1, 7))
     # the same global batch, noise and t; DDP averages gradients: equal up to float reduction order
     for (_, one), (_, two) in zip(curves[1], curves[2], strict=True):

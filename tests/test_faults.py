@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,15 +29,17 @@ from tests.helpers import mlflow_server as helpers_mlflow_server
 pytestmark = pytest.mark.slow
 
 
-def _train_workers() -> list[psutil.Process]:
+def _train_workers(root: psutil.Process) -> list[psutil.Process]:
+    """The Ray Train workers under `root` (this test's own Ray, never another run's on the machine)."""
     found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-            found.append(proc)
+    for proc in root.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                found.append(proc)
     return found
 
 
-def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch, capfd):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -55,10 +58,11 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     def killer():  # kill the worker once the first checkpoint is on disk
         deadline = time.time() + 1200  # a loaded machine can take minutes to the first checkpoint
         while time.time() < deadline:
-            checkpoints = sorted((tmp_path / "ray").glob("*/checkpoint_*"))
-            workers = _train_workers()
-            if checkpoints and workers:
-                killed["after"] = len(checkpoints)
+            # a checkpoint Ray has registered (its folder alone may still be being written)
+            registered = _registered_checkpoint(tmp_path / "ray")
+            workers = _train_workers(psutil.Process())  # the local Ray this process started
+            if registered and workers:
+                killed["after"] = True
                 workers[0].kill()
                 return
             time.sleep(0.02)
@@ -69,6 +73,11 @@ def test_killed_train_worker_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         _, curve = distributed.fit(p, job_for(p, "base", data, cfg), mlflow_run_id=run_id)
     thread.join(1)
     assert killed, "no worker was killed: the test did not exercise the failure"
+    said = capfd.readouterr()
+    resumed = re.findall(r"resuming from the checkpoint at step (\d+) of 400", said.out + said.err)
+    notes = [line for line in (said.out + said.err).splitlines() if "checkpoint" in line or "starts over" in line]
+    # restarted from a checkpoint, once (the driver may show a worker's line twice, around its progress bar)
+    assert len(set(resumed)) == 1 and int(resumed[0]) in (100, 200, 300), notes
     expected = list(range(10, 401, 10))
     assert [s for s, _ in curve] == expected  # the right step count, each step once in the final state
     history = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
@@ -144,6 +153,8 @@ def test_stopped_then_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_pr
             time.sleep(0.05)
         stage = [c for c in psutil.Process(proc.pid).children(recursive=True) if _is_stage(c, "pipelines.pretrain")]
         assert len(stage) == 1, "the stage runs under dvc"
+        workers = _train_workers(stage[0])
+        assert workers, "the stage trains in Ray Train workers of its own"
         if Path("/bin/sh").resolve().name == "dash":  # the case this test is for: a shell between dvc and the stage
             assert stage[0].ppid() != proc.pid
         proc.send_signal(signal.SIGTERM)  # dvc alone, as a scheduler or `kill` would
@@ -151,10 +162,8 @@ def test_stopped_then_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_pr
         _, alive = psutil.wait_procs(stage, timeout=90)
         assert not alive, "the stage trained on after dvc was stopped"
         stopped_at = _checkpoints(storage)
-        deadline = time.time() + 30
-        while _train_workers() and time.time() < deadline:  # Ray's workers end with the stage's Ray session
-            time.sleep(0.5)
-        assert not _train_workers()
+        _, alive = psutil.wait_procs(workers, timeout=30)  # Ray's workers end with the stage's Ray session
+        assert not alive, "the stage's Ray Train workers outlived it"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -174,11 +183,13 @@ def test_stopped_then_killed_dvc_repro_resumes_and_leaves_no_half_output(slow_pr
         while _checkpoints(storage) <= stopped_at:
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-2000:]
             time.sleep(0.05)
+        workers = _train_workers(psutil.Process(proc.pid))
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # dvc, the stage and whatever Ray runs in its session
         proc.wait()
-    for worker in _train_workers():
-        worker.kill()
+    for worker in workers:  # its own workers, should any have outlived the kill
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
     assert "resuming from the checkpoint at step" in log.read_text()
     assert not (work / "models" / "base").exists()
     assert not (work / "metrics" / "pretrain.json").exists()

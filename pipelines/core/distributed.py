@@ -176,6 +176,7 @@ def train_fn(config: dict) -> None:
                 "loss": pending[-1][1] if pending else math.nan,
                 "curve": list(pending),
                 "node": node,  # each worker's Ray node, for the run's record
+                "world_size": world,  # how many workers trained it (Ray keeps the report beside the checkpoint)
             }
             pending.clear()
             save(st)
