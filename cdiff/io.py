@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -211,7 +212,37 @@ def _umask() -> int:
 
 
 def _temp_beside(path: Path, suffix: str) -> Path:
-    return path.parent / f".{path.name[:200]}.{secrets.token_hex(4)}{suffix}"
+    """A hidden name beside `path` that names the writing process: `.NAME.PID-TOKEN.tmp`."""
+    return path.parent / f".{path.name[:200]}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_temps(path: Path) -> list[Path]:
+    """Remove the temp files and folders beside `path` that a writer killed outright (SIGKILL, a power cut)
+    left behind: those whose process is gone. `.old` copies are kept (one may be the only copy of an
+    output). Returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(path.name[:200])}\.(\d+)-[0-9a-f]{{8}}\.tmp")
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path.parent):
+            match = pattern.fullmatch(entry.name)
+            if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+                with contextlib.suppress(OSError):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
 
 
 _WRITE_ERRORS = {
@@ -245,6 +276,7 @@ def atomic_write(path, artefact: Artefact = FILE) -> Iterator[Path]:
     file is created with the process's umask, as `open` would.
     """
     path = check_output(path, artefact)
+    sweep_stale_temps(path)
     tmp = _temp_beside(path, ".tmp")
     try:
         with _os_errors(path):
@@ -266,6 +298,7 @@ def atomic_write(path, artefact: Artefact = FILE) -> Iterator[Path]:
 def atomic_dir(path, artefact: Artefact, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a fresh temp folder beside `path`; on success it takes `path`'s place (see `check_output`)."""
     path = check_output(path, artefact, overwrite=overwrite)
+    sweep_stale_temps(path)
     tmp, old = _temp_beside(path, ".tmp"), _temp_beside(path, ".old")
     try:
         with _os_errors(path):

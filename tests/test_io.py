@@ -329,3 +329,28 @@ def test_a_cache_written_within_all_or_nothing_stays_when_it_fails(tmp_path):
         write_json(tmp_path / "later.json", {"x": 3})  # the journal is back after the cache
         raise RuntimeError("failed after the download")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.json"]
+
+
+def test_a_writer_killed_outright_leaves_a_temp_the_next_write_removes(tmp_path):
+    # SIGKILL runs no cleanup: the temp file stays (hidden, beside the output, named by the dead writer's pid);
+    # the next write of that output removes it. A live writer's temp and any .old copy are left alone.
+    out = tmp_path / "grid.png"
+    code = (
+        "import sys, time\nfrom cdiff.io import atomic_write\n"
+        f"with atomic_write({str(out)!r}) as tmp:\n"
+        "    tmp.write_bytes(b'half')\n    print('writing', flush=True)\n    time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()
+    proc.wait()
+    (stale,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert stale.name.startswith(".grid.png.") and f".{proc.pid}-" in stale.name and not out.exists()
+    live = tmp_path / f".grid.png.{os.getpid()}-0123abcd.tmp"  # this process: alive
+    live.write_bytes(b"mine")
+    old = tmp_path / f".grid.png.{proc.pid}-0123abcd.old"
+    old.write_bytes(b"a kept copy")
+    with atomic_write(out) as tmp:
+        tmp.write_bytes(b"\x89PNG whole")
+    assert out.read_bytes() == b"\x89PNG whole" and not stale.exists()
+    assert live.exists() and old.exists()
