@@ -24,7 +24,7 @@ from cdiff.data import prepare_domain
 from cdiff.io import write_json
 from cdiff.judge import predict, train_judge
 from cdiff.lora import inject_lora, merge_lora, trainable_parameter_share
-from cdiff.metrics import balanced_subset, gaussian_stats, generate, judge_images, reference_features
+from cdiff.metrics import balanced_subset, generate, judge_images, reference_features
 from cdiff.train import train
 from pipelines.core.config import load_params
 
@@ -52,13 +52,21 @@ def main() -> int:
     judge = train_judge(train_set, p.judge, seed=p.seed)
     judge_accuracy = float((predict(judge, test_set.as_float())[1] == test_set.labels).double().mean())
     ref = reference_features(judge, test_set)
-    reference = gaussian_stats(ref)
     result = {"domain": args.domain, "sampler": spec, "guidance": s.guidance_scale, "judge_seconds": time.perf_counter() - start,
               "judge_test_accuracy": judge_accuracy, "per_class": p.evaluate.fid_per_class}  # fmt: skip
 
     def scored(images, labels) -> dict:
-        r = judge_images(judge, images, labels, names, reference, reference_features=ref)
-        return {k: r[k] for k in ("fid", "fid_interval", "gan_test", "gan_test_interval")}
+        s = judge_images(judge, images, labels, names, ref, test_set.labels).score
+        return {
+            "fid": s.fid,
+            "fid_interval": s.fid_interval,
+            "fid_raw": s.fid_raw,
+            "kid": s.kid,
+            "kid_std": s.kid_std,
+            "gan_test": s.gan_test,
+            "gan_test_interval": s.gan_test_interval,
+            "count": s.images,
+        }
 
     real = balanced_subset(train_set, p.evaluate.fid_per_class, seed=p.seed)
     result["floor"] = scored(real.as_float(), real.labels)

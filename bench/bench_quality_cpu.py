@@ -33,7 +33,7 @@ from cdiff.config import DiffusionConfig, TrainConfig
 from cdiff.data import load_source
 from cdiff.io import write_json
 from cdiff.judge import load_judge, save_judge, train_judge
-from cdiff.metrics import balanced_subset, gaussian_stats, generate, judge_images, reference_features
+from cdiff.metrics import balanced_subset, generate, judge_images, reference_features
 from cdiff.model import UNet
 from cdiff.samplers import Sampler
 from cdiff.schedule import NoiseSchedule
@@ -106,9 +106,18 @@ def step_times(recipes: list[Recipe], model_cfg, data, rounds: int, steps: int) 
     return {r.name: statistics.median(samples[cost_key(r)]) for r in recipes}
 
 
-def score(judge, images, labels, names, reference, ref_features) -> dict:
-    s = judge_images(judge, images, labels, names, reference, reference_features=ref_features, n_boot=1000)
-    return {k: s[k] for k in ("fid", "fid_interval", "gan_test", "gan_test_interval", "count")}
+def score(judge, images, labels, names, reference_labels, ref_features) -> dict:
+    s = judge_images(judge, images, labels, names, ref_features, reference_labels, n_boot=1000).score
+    return {
+        "fid": s.fid,
+        "fid_interval": s.fid_interval,
+        "fid_raw": s.fid_raw,
+        "kid": s.kid,
+        "kid_std": s.kid_std,
+        "gan_test": s.gan_test,
+        "gan_test_interval": s.gan_test_interval,
+        "count": s.images,
+    }
 
 
 def model_calls(spec: str, guidance: float, timesteps: int) -> int:
@@ -157,7 +166,7 @@ def main() -> int:
             save_judge(judge, names, args.judge_cache)
     result["judge_seconds"] = time.perf_counter() - start
     ref_features = reference_features(judge, test_set)
-    reference = gaussian_stats(ref_features)
+    reference = test_set.labels  # the real split's classes: its resamples keep them
     real = balanced_subset(train_set, args.per_class, seed=p.seed)
     floor = score(judge, real.as_float(), real.labels, names, reference, ref_features)
     result["floor"] = floor

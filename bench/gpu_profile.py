@@ -42,7 +42,7 @@ from cdiff.data import load_source  # noqa: E402
 from cdiff.io import write_json  # noqa: E402
 from cdiff.judge import predict, train_judge  # noqa: E402
 from cdiff.lora import inject_lora, merge_lora, trainable_parameter_share  # noqa: E402
-from cdiff.metrics import balanced_subset, gaussian_stats, generate, judge_images, reference_features  # noqa: E402
+from cdiff.metrics import balanced_subset, generate, judge_images, reference_features  # noqa: E402
 from cdiff.model import UNet  # noqa: E402
 from cdiff.performance import autocast, make_optimizer, maybe_compile  # noqa: E402
 from cdiff.schedule import NoiseSchedule, diffusion_loss  # noqa: E402
@@ -201,9 +201,18 @@ def sampler_spec(p: Params) -> str:
 
 
 def judged(judge, images, labels, data_test, ref_features) -> dict:
-    s = judge_images(judge, images, labels, data_test.class_names, gaussian_stats(ref_features),
-                     reference_features=ref_features, n_boot=args_n_boot())  # fmt: skip
-    return {k: s[k] for k in ("fid", "fid_interval", "gan_test", "gan_test_interval", "count")}
+    s = judge_images(judge, images, labels, data_test.class_names, ref_features, data_test.labels,
+                     n_boot=args_n_boot()).score  # fmt: skip
+    return {
+        "fid": s.fid,
+        "fid_interval": s.fid_interval,
+        "fid_raw": s.fid_raw,
+        "kid": s.kid,
+        "kid_std": s.kid_std,
+        "gan_test": s.gan_test,
+        "gan_test_interval": s.gan_test_interval,
+        "count": s.images,
+    }
 
 
 def args_n_boot() -> int:

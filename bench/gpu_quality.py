@@ -22,7 +22,7 @@ from cdiff.checkpoint import load_model
 from cdiff.data import load_imageset
 from cdiff.io import write_json
 from cdiff.judge import load_judge
-from cdiff.metrics import balanced_subset, generate, judge_images, reference_stats
+from cdiff.metrics import balanced_subset, generate, judge_images, reference_features
 from cdiff.samplers import Sampler
 
 
@@ -44,7 +44,7 @@ def main() -> int:
     judge, judge_config = load_judge(Path("models/judge") / args.dataset)
     folder = Path("data/prepared") / args.dataset
     train_set, test_set = load_imageset(folder, "train"), load_imageset(folder, "test")
-    reference = reference_stats(judge, test_set)
+    reference = reference_features(judge, test_set)
     names = test_set.class_names
     result = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
@@ -54,11 +54,9 @@ def main() -> int:
         "rows": [],
     }
     real = balanced_subset(train_set, args.per_class, seed=0)
-    floor = judge_images(judge, real.as_float(), real.labels, names, reference)
-    result["floor"] = {"fid": floor["fid"], "gan_test": floor["gan_test"], "count": floor["count"]}
-    print(
-        f"floor (real train vs real test, {floor['count']} images): FID {floor['fid']:.3f}, accuracy {floor['gan_test']:.3f}"
-    )
+    floor = judge_images(judge, real.as_float(), real.labels, names, reference, test_set.labels).score
+    result["floor"] = {"fid": floor.fid, "fid_raw": floor.fid_raw, "gan_test": floor.gan_test, "count": floor.images}
+    print(f"floor (real train vs real test, {floor.images} images): FID {floor.fid:.3f}, accuracy {floor.gan_test:.3f}")
     settings = [(spec.split(":")[0], float(spec.split(":")[1])) for spec in args.settings.split(",")]
     print(f"{'sampler':<10}{'guidance':>9}{'images':>8}{'seconds':>9}{'FID':>9}{'GAN-test':>10}")
     for sampler, guidance in settings:
@@ -78,14 +76,16 @@ def main() -> int:
         if args.device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        scores = judge_images(judge, images, labels, names, reference)
+        scores = judge_images(judge, images, labels, names, reference, test_set.labels).score
         row = {
             "sampler": sampler,
             "guidance": guidance,
             "images": len(images),
             "seconds": seconds,
-            "fid": scores["fid"],
-            "gan_test": scores["gan_test"],
+            "fid": scores.fid,
+            "fid_raw": scores.fid_raw,
+            "kid": scores.kid,
+            "gan_test": scores.gan_test,
         }
         result["rows"].append(row)
         print(

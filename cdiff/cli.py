@@ -193,6 +193,10 @@ def cmd_compare(args) -> None:
             "fid_base": of(d.evaluation.base, "fid"),
             "fid_adapter": of(d.evaluation.adapter, "fid"),
             "fid_adapter_95": of(d.evaluation.adapter, "fid_interval"),
+            "adapter_minus_base_fid": d.evaluation.adapter_vs_base_fid.shown()
+            if d.evaluation.adapter_vs_base_fid
+            else None,
+            "kid_adapter": of(d.evaluation.adapter, "kid"),
             "fid_full": d.full.score.fid if d.full else None,
             "fid_full_95": d.full.score.fid_interval if d.full else None,
             "gan_test": of(d.evaluation.adapter, "gan_test"),

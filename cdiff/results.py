@@ -25,14 +25,19 @@ R = TypeVar("R")
 class Score:
     """A set of images in the eyes of its dataset's judge, each value with its seeded bootstrap 95% interval."""
 
-    fid: float  # judge-feature FID against the real test split: lower is better
+    fid: float  # judge-feature FID against the real test split, bias-corrected (cdiff.bootstrap): lower is better
     gan_test: float  # share of the images the judge classifies as their class
-    images: int  # how many were scored (FID is biased upwards at small counts)
-    fid_interval: list[float] | None = None  # [low, high]: resampling the generated and the real images
-    gan_test_interval: list[float] | None = None  # [low, high]: resampling the generated images
+    images: int  # how many were scored
+    fid_interval: list[float] | None = None  # [low, high]: resampling the generated and the real images by class
+    gan_test_interval: list[float] | None = None  # [low, high]: resampling the generated images by class
+    fid_raw: float | None = None  # the FID as measured at this count, biased upwards (by about D/N)
+    kid: float | None = None  # Kernel Inception Distance in the judge's features: unbiased at any count
+    kid_std: float | None = None  # its std over subsets
 
     def shown(self, what: str) -> str:
         """'63.7 [58.2, 70.1]' (FID) or '72.7% [66.0%, 78.9%]' (gan_test): the value and its interval."""
+        if what == "kid":
+            return "-" if self.kid is None else f"{self.kid:.3g} ± {self.kid_std or 0:.2g}"
         value, ci = getattr(self, what), getattr(self, f"{what}_interval")
         fmt = "{:.1%}" if what == "gan_test" else "{:.4g}"
         return fmt.format(value) + ("" if ci is None else f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]")
@@ -44,6 +49,28 @@ class Score:
         if self.fid_interval[1] < other.fid_interval[0]:
             return True
         return False if self.fid_interval[0] > other.fid_interval[1] else None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A minus B in one metric, with the paired bootstrap 95% interval of the difference, and what it says
+    for A: 'better' (beyond the interval), 'tie' (the interval holds 0) or 'worse'. `paired` False: only the two
+    values' own intervals could be compared (`difference_interval` is then None)."""
+
+    difference: float
+    difference_interval: list[float] | None
+    verdict: str
+    paired: bool = True
+
+    def shown(self) -> str:
+        ci = self.difference_interval
+        interval = "" if ci is None else f" [{ci[0]:+.4g}, {ci[1]:+.4g}]"
+        return f"{self.difference:+.4g}{interval} ({self.verdict}{'' if self.paired else ', unpaired'})"
+
+    @classmethod
+    def of(cls, difference) -> Comparison:
+        """From a cdiff.bootstrap.Difference."""
+        return cls(difference.value, [difference.low, difference.high], difference.verdict)
 
 
 @dataclass(frozen=True)
@@ -81,6 +108,8 @@ class DomainEvaluation:
     trainable_params: int
     trainable_share: float  # of the base's parameters
     judge_note: str = ""  # why the judge scores are None (a domain of one class), else empty
+    adapter_vs_base_fid: Comparison | None = None  # adapter minus base, paired on the same real split
+    adapter_vs_base_gan_test: Comparison | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +181,7 @@ class DomainSummary:
     lr: float  # chosen by Tune
     full: FullFinetuneResult | None
     goals: list[Goal]
+    adapter_vs_full_fid: Comparison | None = None  # adapter minus full fine-tune, paired on the same real split
 
 
 @dataclass(frozen=True)
@@ -199,12 +229,21 @@ def scalars(record, prefix: str = "") -> dict[str, float]:
     return out
 
 
+SWEEP_COLUMNS = ("fid", "fid_low", "fid_high", "fid_raw", "kid", "gan_test", "gan_test_low", "gan_test_high")
+
+
 def save_sweep(path: str | Path, over: str, points: list[SweepPoint]) -> None:
-    """A sweep as CSV for `dvc plots`: one row per setting."""
+    """A sweep as CSV for `dvc plots`: one row per setting, each value with its interval (empty where none)."""
     _check_finite([dataclasses.asdict(p) for p in points], Path(path).name)
-    rows = [f"{p.setting},{p.score.fid:.6f},{p.score.gan_test:.6f},{p.seconds:.3f},{p.score.images}\n" for p in points]
+
+    def cells(score: Score) -> list[str]:
+        fid_ci, acc_ci = score.fid_interval or [None, None], score.gan_test_interval or [None, None]
+        values = [score.fid, *fid_ci, score.fid_raw, score.kid, score.gan_test, *acc_ci]
+        return ["" if v is None else f"{v:.6f}" for v in values]
+
+    rows = [",".join([p.setting, *cells(p.score), f"{p.seconds:.3f}", str(p.score.images)]) + "\n" for p in points]
     with atomic_write(path) as tmp:
-        tmp.write_text(f"{over},fid,gan_test,seconds,images\n" + "".join(rows))
+        tmp.write_text(",".join([over, *SWEEP_COLUMNS, "seconds", "images"]) + "\n" + "".join(rows))
 
 
 def load_sweep(path: str | Path) -> list[SweepPoint]:
@@ -214,9 +253,18 @@ def load_sweep(path: str | Path) -> list[SweepPoint]:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         try:
-            next(reader)
-            return [SweepPoint(s, Score(float(fid), float(acc), int(n)), float(sec)) for s, fid, acc, sec, n in reader]
-        except (StopIteration, ValueError) as e:
+            header = next(reader)
+            if header[1:] != [*SWEEP_COLUMNS, "seconds", "images"]:
+                raise ValueError(f"columns {header[1:]}")
+            points = []
+            for setting, *cells, seconds, images in reader:
+                v = [None if c == "" else float(c) for c in cells]
+                fid_ci = None if v[1] is None else [v[1], v[2]]
+                acc_ci = None if v[6] is None else [v[6], v[7]]
+                score = Score(v[0], v[5], int(images), fid_ci, acc_ci, fid_raw=v[3], kid=v[4])
+                points.append(SweepPoint(setting, score, float(seconds)))
+            return points
+        except (StopIteration, ValueError, TypeError) as e:
             raise CdiffError(f"sweep {path} is not a sweep CSV ({e}): rerun its stage") from e
 
 

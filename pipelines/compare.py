@@ -22,17 +22,19 @@ from cdiff.grid import sample_picture, save_picture, side_by_side
 from cdiff.io import PNG, check_output, display_path
 from cdiff.lora import load_adapter, merge_lora
 from cdiff.results import DomainEvaluation, FinetuneResult
-from pipelines.core import serving, tracking
+from pipelines.core import registry, serving, tracking
 from pipelines.core.config import Params, params
 from pipelines.core.console import stage
 
 VERSION_COLUMNS = ["model", "version", "aliases", "fid", "val_loss", "r", "alpha", "run_id"]
 
 
-def row(run: dict, ft: FinetuneResult | None, ev: DomainEvaluation | None) -> dict:
-    """One finetune run; a run not evaluated yet (or failed) has gaps."""
+def row(run: tracking.StageRun | None, ft: FinetuneResult | None, ev: DomainEvaluation | None) -> dict:
+    """One finetune run; a run not evaluated yet (or failed) has gaps, as has a domain no judge can score."""
+    adapter = ev.adapter if ev else None
+    vs_base = ev.adapter_vs_base_fid if ev else None
     return {
-        "domain": run["domain"],
+        "domain": run.domain if run else "",
         "r": ft.r if ft else None,
         "alpha": ft.alpha if ft else None,
         "lr": ft.lr if ft else None,
@@ -41,30 +43,37 @@ def row(run: dict, ft: FinetuneResult | None, ev: DomainEvaluation | None) -> di
         "val_loss": ft.val_loss if ft else None,
         "test_loss_base": ev.test_loss_base if ev else None,
         "test_loss_adapter": ev.test_loss_adapter if ev else None,
-        "fid_base": ev.base.fid if ev and ev.base else None,  # None too where a judge cannot score the domain
-        "fid_adapter": ev.adapter.fid if ev and ev.adapter else None,
-        "fid_adapter_95": ev.adapter.fid_interval if ev and ev.adapter else None,
-        "gan_test": ev.adapter.gan_test if ev and ev.adapter else None,
-        "gan_test_95": ev.adapter.gan_test_interval if ev and ev.adapter else None,
-        "commit": run["commit"][:8],
-        "run_id": run["run_id"],
+        "fid_base": ev.base.fid if ev and ev.base else None,
+        "fid_adapter": adapter.fid if adapter else None,
+        "fid_adapter_95": adapter.fid_interval if adapter else None,
+        "adapter_minus_base_fid": vs_base.shown() if vs_base else None,  # paired: its interval and verdict
+        "kid_adapter": adapter.kid if adapter else None,
+        "gan_test": adapter.gan_test if adapter else None,
+        "gan_test_95": adapter.gan_test_interval if adapter else None,
+        "commit": run.commit[:8] if run else "",
+        "run_id": run.run_id if run else "",
     }
 
 
-def adapters_table(runs: list[dict]) -> pd.DataFrame:
+def adapters_table(runs: list[tracking.StageRun]) -> pd.DataFrame:
     rows = [
-        row(r, tracking.load_result(r["run_id"], FinetuneResult), tracking.load_result(r["run_id"], DomainEvaluation))
+        row(r, tracking.load_result(r.run_id, FinetuneResult), tracking.load_result(r.run_id, DomainEvaluation))
         for r in runs
     ]
-    table = pd.DataFrame(rows, columns=list(row({"domain": "", "commit": "", "run_id": ""}, None, None)))
+    table = pd.DataFrame(rows, columns=list(row(None, None, None)))
     return table.sort_values(["domain", "fid_adapter", "test_loss_adapter"], na_position="last").reset_index(drop=True)
 
 
-def aliased_grid(p: Params, out, versions: list[dict], alias: str, per_class: int) -> list[str]:
-    """Draw the adapters among `versions` (tracking.registry_versions) that hold `alias` side by side into `out`;
+def version_row(v: registry.Version) -> list:
+    t = v.tags
+    return [v.model, v.version, ",".join(v.aliases), t.fid, t.val_loss, t.r, t.alpha, v.run_id]
+
+
+def aliased_grid(p: Params, out, versions: list[registry.Version], alias: str, per_class: int) -> list[str]:
+    """Draw the adapters among `versions` (registry.versions) that hold `alias` side by side into `out`;
     returns their URIs."""
     check_output(out, PNG)  # before any download
-    uris = tracking.aliased(p, versions, alias)
+    uris = registry.aliased(p, versions, alias)
     if not uris:
         raise CdiffError(
             f"no adapter in the registry has the alias {alias!r}: run the pipeline's evaluate stages first"
@@ -99,8 +108,8 @@ def main() -> None:
     if args.grid:
         check_output(args.grid, PNG)  # before the tables and the downloads
     table = adapters_table(tracking.stage_runs(p, "finetune", args.domain))
-    rows = tracking.registry_versions(p, args.domain)
-    versions = pd.DataFrame(rows, columns=VERSION_COLUMNS)
+    rows = registry.versions(p, args.domain)
+    versions = pd.DataFrame([version_row(v) for v in rows], columns=VERSION_COLUMNS)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
         print("\nregistered versions (models:/MODEL/VERSION, or models:/MODEL@ALIAS):")

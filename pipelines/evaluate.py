@@ -13,7 +13,7 @@ from cdiff.data import load_imageset
 from cdiff.lora import adapter_state_dict, load_adapter, merge_lora, read_adapter_config
 from cdiff.metrics import NotComputable
 from cdiff.train import validation_loss
-from pipelines.core import tracking
+from pipelines.core import registry, tracking
 from pipelines.core.config import params
 from pipelines.core.console import stage, summary
 from pipelines.core.layout import make_parents, paths
@@ -40,6 +40,7 @@ def main(name: str) -> None:
     merge_lora(model)  # zero-overhead inference
     adapter = scorer.model(model, schedule, p.sampler) if scorer else None
     floor = scorer.floor(train_set) if scorer else None
+    vs_base = scorer.difference(adapter.judgement, base.judgement) if scorer else (None, None)  # paired
     evaluation = results.DomainEvaluation(
         floor and floor.score,
         base and base.score,
@@ -52,25 +53,42 @@ def main(name: str) -> None:
         trainable,
         trainable / base_params,
         note,
+        *vs_base,
     )
     per_class = results.PerClass({"base": base.per_class, "adapter": adapter.per_class} if scorer else {})
     metrics = paths.domain_metrics(name)
-    make_parents(metrics, paths.per_class(metrics))
+    make_parents(metrics, paths.per_class(metrics), paths.judged(name, "real"))
+    paths.judged(name, "real").parent.mkdir(exist_ok=True)  # a DVC output, empty where no judge scores the domain
     results.save(metrics, evaluation)
     results.save(paths.per_class(metrics), per_class)
+    if scorer is not None:  # what the report compares the full fine-tune with, paired
+        scorer.real().save(paths.judged(name, "real"))
+        adapter.judgement.kept(scorer.reference).save(paths.judged(name, "adapter"))
     with tracking.reopen(p, paths.finetune_run(name)) as run:
         tracking.log_result(evaluation)
         tracking.log_result(per_class)
+        if scorer is not None:  # what a later version is compared with, paired, should this one be champion
+            registry.log_judged(adapter.judgement.kept(scorer.reference))
     if scorer is None:
         losses = f"test loss base {loss_base:.4f} -> adapter {loss_adapter:.4f}"
         summary(f"adapter v{run.model_version} scored", losses, f"{paths.show(metrics)}; {note}; champion not moved")
         return
-    champion, why = tracking.set_champion(p.mlflow.adapter_model_prefix + name, run.model_version, adapter.score)
-    fid = f"FID base {base.score.shown('fid')} -> adapter {adapter.score.shown('fid')} (floor {floor.score.fid:.2f})"
-    accuracy = f"GAN-test {base.score.gan_test:.3f} -> {adapter.score.gan_test:.3f}"
-    verdict = {"first": "champion", "better": "new champion", "tie": f"a tie with champion v{champion}, kept"}
-    verdict["worse"] = f"worse than champion v{champion}, kept"
-    summary(f"adapter v{run.model_version} scored", f"{fid}, {accuracy}", f"{paths.show(metrics)}; {verdict[why]}")
+    crowned = registry.set_champion(
+        p.mlflow.adapter_model_prefix + name,
+        run.model_version,
+        adapter.score,
+        lambda champion_run: scorer.versus_kept(adapter.judgement, registry.load_judged(champion_run)),
+    )
+    fid = f"FID base {base.score.shown('fid')} -> adapter {adapter.score.shown('fid')}"
+    fid += f" (adapter - base {evaluation.adapter_vs_base_fid.shown()}; floor {floor.score.fid:.2f})"
+    accuracy = f"GAN-test {base.score.gan_test:.3f} -> {adapter.score.gan_test:.3f}, KID {adapter.score.shown('kid')}"
+    if crowned.comparison is None:
+        verdict = "champion"
+    else:
+        against = f"v{run.model_version} - champion {crowned.comparison.shown()}"
+        kept = {"better": "new champion", "tie": f"champion v{crowned.champion} kept (a tie)"}
+        verdict = f"{kept.get(crowned.why, f'champion v{crowned.champion} kept')}: {against}"
+    summary(f"adapter v{run.model_version} scored", f"{fid}, {accuracy}", f"{paths.show(metrics)}; {verdict}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from cdiff.checkpoint import load_model
 from cdiff.data import load_imageset
 from cdiff.lora import save_adapter, trainable_parameter_share
 from cdiff.train import validation_loss
-from pipelines.core import distributed, tracking
+from pipelines.core import distributed, registry, tracking
 from pipelines.core.config import params
 from pipelines.core.console import stage, summary
 from pipelines.core.jobs import Weights, job_for
@@ -42,9 +42,9 @@ def main(name: str) -> None:
         tracking.log_result(result)
         tracking.log_files(paths.adapter(name), "adapter")
         model_name = p.mlflow.adapter_model_prefix + name
-        tags = {"r": lora.r, "alpha": lora.alpha, "val_loss": val, "base_fingerprint": fp}
-        version = tracking.log_servable(model_name, paths.base_model, paths.adapter(name), p.sampler, tags)
-        tracking.set_base_alias(p, fp)
+        tags = registry.VersionTags(r=lora.r, alpha=lora.alpha, val_loss=val, base_fingerprint=fp)
+        version = registry.log_servable(model_name, paths.base_model, paths.adapter(name), p.sampler, tags)
+        registry.set_base_alias(p, fp)
         tracking.save_run_record(paths.finetune_run(name), run_id, version)
     made = f"adapter r={lora.r} alpha={lora.alpha:g} lr={cfg.lr:.2e}, {trainable} trainable params"
     summary(made, f"val loss {val:.4f}", f"{paths.show(paths.adapter(name))}, MLflow {model_name} v{version}")

@@ -27,6 +27,7 @@ def main(name: str) -> None:
     base, schedule, base_config = load_model(paths.base_model)
     metrics, grid = paths.full_metrics(name), paths.full_grid(name)
     make_parents(paths.full_model(name), metrics, paths.per_class(metrics), paths.full_curve(name), grid)
+    make_parents(paths.judged(name, "full"))
     with tracking.stage_run(p, "full_finetune", name) as run_id:
         tracking.log_params({"base_fingerprint": base_config.fingerprint})
         with distributed.session(p):
@@ -34,9 +35,8 @@ def main(name: str) -> None:
             model, curve = distributed.fit(p, job, mlflow_run_id=run_id)
         extra = {"base_fingerprint": base_config.fingerprint}
         save_model(model, p.diffusion, paths.full_model(name), extra=extra, overwrite=True)
-        judged = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample).model(
-            model, schedule, p.sampler
-        )
+        scorer = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample)
+        judged = scorer.model(model, schedule, p.sampler)
         result = results.FullFinetuneResult(
             judged.score,
             validation_loss(model, schedule, test_set, p.evaluate.val_images, seed=p.seed),
@@ -46,6 +46,7 @@ def main(name: str) -> None:
         results.save(metrics, result)
         results.save(paths.per_class(metrics), per_class)
         results.save_curve(paths.full_curve(name), curve)
+        judged.judgement.kept(scorer.reference).save(paths.judged(name, "full"))  # for the report's comparison
         classes = list(range(len(train_set.class_names)))
         sample_grid(grid, model, schedule, p.sampler, classes, p.sample.per_class, seed=p.seed, title=f"{name}: full")
         tracking.log_result(result)

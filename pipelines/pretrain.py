@@ -6,7 +6,7 @@ from cdiff.data import load_imageset
 from cdiff.grid import sample_grid
 from cdiff.schedule import NoiseSchedule
 from cdiff.train import validation_loss
-from pipelines.core import distributed, tracking
+from pipelines.core import distributed, registry, tracking
 from pipelines.core.config import params
 from pipelines.core.console import stage, summary
 from pipelines.core.jobs import job_for
@@ -36,9 +36,8 @@ def main() -> None:
         tracking.log_result(result)
         tracking.log_files(paths.base_model, "model")
         tracking.log_files(paths.base_grid, "samples")
-        version = tracking.log_servable(
-            p.mlflow.base_model_name, paths.base_model, None, p.sampler, {"fingerprint": fp}
-        )
+        tags = registry.VersionTags(fingerprint=fp)
+        version = registry.log_servable(p.mlflow.base_model_name, paths.base_model, None, p.sampler, tags)
         tracking.save_run_record(paths.pretrain_run, run_id, version, fp)
     where = f"{paths.show(paths.base_model)}, MLflow {p.mlflow.base_model_name} v{version}"
     summary(f"base model, {result.steps} steps", f"val loss {result.val_loss:.4f}", where)

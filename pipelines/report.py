@@ -10,9 +10,11 @@ import shutil
 from pathlib import Path
 
 from cdiff import results
+from cdiff.bootstrap import fid_difference
 from cdiff.data import load_imageset
 from cdiff.grid import real_grid
 from cdiff.io import atomic_dir, atomic_write
+from cdiff.metrics import JudgedFeatures
 from pipelines.core import figures, goals, pages, tracking
 from pipelines.core.config import Params, params
 from pipelines.core.console import stage, summary
@@ -53,7 +55,18 @@ def domain_summary(p: Params, name: str) -> results.DomainSummary:
         results.load(paths.full_metrics(name), results.FullFinetuneResult) if name in p.evaluate.full_finetune else None
     )
     lr = results.load(paths.tune_best(name), results.TuneTrial, "tuned config").lr
-    return results.DomainSummary(evaluation, lr, full, goals.domain_goals(evaluation, full))
+    vs_full = adapter_minus_full(name, p.seed) if full is not None and evaluation.adapter is not None else None
+    return results.DomainSummary(evaluation, lr, full, goals.domain_goals(evaluation, full), vs_full)
+
+
+def adapter_minus_full(name: str, seed: int) -> results.Comparison | None:
+    """The adapter's FID minus the full fine-tune's, paired on the real split both were judged against
+    (None where they were judged under different references: another judge or split)."""
+    real, adapter, full = (JudgedFeatures.load(paths.judged(name, what)) for what in ("real", "adapter", "full"))
+    if not real.reference == adapter.reference == full.reference:
+        return None
+    pairs = [(j.features, j.labels) for j in (adapter, full, real)]
+    return results.Comparison.of(fid_difference(*pairs, seed=seed))
 
 
 def base_folder(p: Params, run: results.RunSummary, out: Path) -> None:

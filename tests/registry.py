@@ -1,6 +1,6 @@
 """A tiny MLflow registry for tests, logged and registered as the pretrain, finetune and evaluate stages do.
 
-Two bases (seeds 0 and 1), and adapters on them, in a temp sqlite store (tracking.log_servable,
+Two bases (seeds 0 and 1), and adapters on them, in a temp sqlite store (registry.log_servable,
 set_base_alias, set_champion): seconds, not the minutes of a `dvc repro`.
 
 - cdiff-base v1 (alias adapters), v2 (other weights)
@@ -64,7 +64,7 @@ def _adapter(base: UNet, folder: Path, seed: int, class_names=None) -> None:
 def make_registry(root: Path) -> Registry:
     import mlflow
 
-    from pipelines.core import tracking
+    from pipelines.core import registry, tracking
 
     uri = f"sqlite:///{root}/mlflow.db"
     folders = {"base": root / "base", "base2": root / "base2"}
@@ -91,16 +91,18 @@ def make_registry(root: Path) -> Registry:
                     fp = tracking.read_model_config(folders[base]).fingerprint
                     fingerprints[base] = fp
                     tracking.log_files(folders[base], "model")
-                    tracking.log_servable("cdiff-base", folders[base], None, SAMPLER, {"fingerprint": fp})
+                    registry.log_servable(
+                        "cdiff-base", folders[base], None, SAMPLER, registry.VersionTags(fingerprint=fp)
+                    )
             tracking.client().set_registered_model_alias("cdiff-base", "adapters", "1")
             for name, (base, _, _, fid) in adapters.items():
                 domain = name.split("-")[0]
                 with mlflow.start_run(experiment_id=experiment, tags={"stage": "finetune", "domain": domain}):
                     tracking.log_files(folders[name], "adapter")
-                    tags = {"r": 2, "alpha": 2.0, "val_loss": fid / 10, "base_fingerprint": fingerprints[base]}
+                    tags = registry.VersionTags(r=2, alpha=2.0, val_loss=fid / 10, base_fingerprint=fingerprints[base])
                     model = f"cdiff-adapter-{domain}"
-                    version = tracking.log_servable(model, folders[base], folders[name], SAMPLER, tags)
-                tracking.set_champion(model, version, results.Score(fid, 0.9, 30, [fid - 0.5, fid + 0.5]))
+                    version = registry.log_servable(model, folders[base], folders[name], SAMPLER, tags)
+                registry.set_champion(model, version, results.Score(fid, 0.9, 30, [fid - 0.5, fid + 0.5]))
         finally:
             mlflow.set_tracking_uri(None)
     env = {

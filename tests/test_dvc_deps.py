@@ -105,11 +105,12 @@ def layout_paths(stage: str, L: Layout, base: str) -> tuple[set, set]:
         "sample": ({L.base_model, L.adapter(d), L.finetune_run(d)}, {L.domain_grid(d, "adapter").parent}),
         "full_finetune": (
             {L.base_model, L.judge(d), L.prepared(d)},
-            {L.full_model(d), L.full_grid(d), L.full_metrics(d), L.per_class(L.full_metrics(d)), L.full_curve(d)},
+            {L.full_model(d), L.full_grid(d), L.full_metrics(d), L.per_class(L.full_metrics(d)), L.full_curve(d)}
+            | {L.judged(d, "full")},
         ),
         "evaluate": (
             {L.base_model, L.judge(d), L.judge_metrics(d), L.adapter(d), L.prepared(d), L.finetune_run(d)},
-            {L.domain_metrics(d), L.per_class(L.domain_metrics(d))},
+            {L.domain_metrics(d), L.per_class(L.domain_metrics(d)), L.judged(d, "real").parent},
         ),
         "report": (
             {

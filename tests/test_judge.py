@@ -24,7 +24,7 @@ def test_judge_learns_real_digits_and_its_features_separate_sets(judge, digits):
     train, test = digits
     feats, pred = predict(judge, test.as_float())
     assert feats.shape == (len(test), 16)
-    assert class_accuracy(pred, test.labels, test.class_names)["accuracy"] > 0.8
+    assert class_accuracy(pred, test.labels, test.class_names).accuracy > 0.8
     real, _ = predict(judge, train.as_float())
     noise, _ = predict(judge, torch.rand(len(test), 1, 12, 12) * 2 - 1)
     assert fid(real, feats) * 5 < fid(noise, feats)  # real-vs-real is far closer than noise-vs-real

@@ -3,16 +3,15 @@ import pytest
 import scipy.linalg
 import torch
 
+from cdiff.bootstrap import accuracy_interval, fid_estimate
 from cdiff.data import ImageSet
 from cdiff.errors import CdiffError
 from cdiff.metrics import (
     NotComputable,
     Stats,
-    accuracy_interval,
     balanced_subset,
     class_accuracy,
     fid,
-    fid_interval,
     frechet_distance,
     gaussian_stats,
     judge_images,
@@ -60,8 +59,8 @@ def test_class_accuracy_overall_and_per_class():
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     predicted = torch.tensor([0, 1, 1, 1, 0, 0])
     acc = class_accuracy(predicted, labels, ["a", "b", "c", "absent"])
-    assert acc["accuracy"] == pytest.approx(0.5)
-    assert acc["per_class"] == {"a": 0.5, "b": 1.0, "c": 0.0}
+    assert acc.accuracy == pytest.approx(0.5)
+    assert acc.per_class == {"a": 0.5, "b": 1.0, "c": 0.0}
 
 
 def test_balanced_subset_takes_per_class_and_is_seeded():
@@ -92,7 +91,8 @@ def test_fid_interval_covers_the_true_distance_at_the_stated_rate(one_thread):
     """Two known Gaussians (closed-form FID), 150 seeded draws of 200 + 200 samples in 16 dimensions.
 
     At this size the sample FID is biased well above the truth (the percentile interval covers it about
-    a fifth of the time); the basic bootstrap interval must cover it about 95% of the time.
+    a fifth of the time); the basic bootstrap interval must cover it about 95% of the time, with the
+    bias-corrected value inside it.
     """
     g = torch.Generator().manual_seed(0)
     (mu_a, sa), (mu_b, sb) = _gaussian_pair(16, g)
@@ -103,13 +103,13 @@ def test_fid_interval_covers_the_true_distance_at_the_stated_rate(one_thread):
     for seed in range(draws):
         fa = mu_a + torch.randn(200, 16, generator=g, dtype=torch.float64) @ la.T
         fb = mu_b + torch.randn(200, 16, generator=g, dtype=torch.float64) @ lb.T
-        interval = fid_interval(fa, fb, n_boot=200, seed=seed)
-        assert interval.low <= interval.high and interval.value == pytest.approx(fid(fa, fb))
+        interval = fid_estimate(fa, fb, n_boot=200, seed=seed)
+        assert interval.low <= interval.value <= interval.high and interval.raw == pytest.approx(fid(fa, fb))
         covered += interval.low <= true <= interval.high
-        below += interval.value > true
+        below += interval.raw > true
     print(f"FID interval coverage {covered / draws:.3f}")
     assert 0.89 <= covered / draws <= 0.99, covered / draws
-    assert below / draws > 0.9  # the point value is biased upwards: what the interval corrects
+    assert below / draws > 0.9  # the raw value is biased upwards: what the estimate corrects
 
 
 def test_accuracy_interval_covers_a_known_rate(one_thread):
@@ -128,8 +128,8 @@ def test_accuracy_interval_covers_a_known_rate(one_thread):
 def test_intervals_are_seeded():
     g = torch.Generator().manual_seed(1)
     fa, fb = torch.randn(50, 4, generator=g), torch.randn(60, 4, generator=g) + 0.5
-    assert fid_interval(fa, fb, n_boot=100, seed=3) == fid_interval(fa, fb, n_boot=100, seed=3)
-    assert fid_interval(fa, fb, n_boot=100, seed=3) != fid_interval(fa, fb, n_boot=100, seed=4)
+    assert fid_estimate(fa, fb, n_boot=100, seed=3) == fid_estimate(fa, fb, n_boot=100, seed=3)
+    assert fid_estimate(fa, fb, n_boot=100, seed=3) != fid_estimate(fa, fb, n_boot=100, seed=4)
 
 
 class _TwoClassJudge(torch.nn.Module):
@@ -151,13 +151,14 @@ def test_judge_images_with_intervals_and_one_class_refused():
     labels = (images.flatten(1).mean(1) > 0).long()
     real = torch.randn(80, 1, 4, 4, generator=g)
     judge = _TwoClassJudge()
-    reference = gaussian_stats(judge.features(real))
-    scores = judge_images(
-        judge, images, labels, ["a", "b"], reference, reference_features=judge.features(real), n_boot=100
-    )
-    assert scores["gan_test"] == 1.0 and scores["gan_test_interval"] == [1.0, 1.0]
-    low, high = scores["fid_interval"]
-    assert 0 <= low <= high
+    reference = judge.features(real)
+    judged = judge_images(judge, images, labels, ["a", "b"], reference, n_boot=100)
+    score = judged.score
+    assert score.gan_test == 1.0 and score.gan_test_interval == [1.0, 1.0] and judged.correct.all()
+    low, high = score.fid_interval
+    assert 0 <= low <= score.fid <= high and score.fid_raw == pytest.approx(fid(judge.features(images), reference))
+    assert score.kid is not None and score.kid_std >= 0 and score.images == 40
+    assert judged.features.shape == (40, 2) and (judged.labels == labels).all()
     with pytest.raises(NotComputable, match="at least two classes"):
         judge_images(judge, images, torch.zeros(40, dtype=torch.long), ["only"], reference)
     assert issubclass(NotComputable, CdiffError)  # one line, exit 2, like every user-facing error

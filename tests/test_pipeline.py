@@ -250,6 +250,7 @@ def test_queued_experiments_run_two_at_once_on_the_shared_stores(project):
     before = set((work / "ray_results").glob("lora-*"))
     for steps in (12, 14):
         _run(["dvc", "exp", "run", "--queue", "-S", f"train.lora.steps={steps}", "finetune@inverted"], work, env)
+    queued_at = int(time.time() * 1000)
     _run(["dvc", "queue", "start", "-j", "2"], work, env)
     deadline = time.time() + 900
     while True:
@@ -267,6 +268,18 @@ print(json.dumps(sorted(runs["params.train.lora.steps"].tolist())))
 """
     steps = json.loads(_run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
     assert "12" in steps and "14" in steps  # both in the repository's store
+    code = f"""
+import json, mlflow
+mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
+runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="attributes.start_time >= {queued_at}")
+print(json.dumps([[r["tags.stage"], r["tags.domain"], r["start_time"].timestamp(), r["end_time"].timestamp()]
+                  for _, r in runs.iterrows()]))
+"""
+    ran = json.loads(_run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
+    # only the stage whose params changed ran (its upstream is cached): one finetune@inverted per experiment
+    assert sorted((stage, domain) for stage, domain, *_ in ran) == [("finetune", "inverted")] * 2, ran
+    (_, _, start_a, end_a), (_, _, start_b, end_b) = ran
+    assert start_a < end_b and start_b < end_a, ran  # and the two ran at once: their runs overlap in time
     assert len(set((work / "ray_results").glob("lora-*")) - before) == 2  # and in its Ray storage
     shown = _run(["dvc", "exp", "show", "--csv"], work, env)
     assert ",12," in shown and ",14," in shown

@@ -294,29 +294,29 @@ def test_mlflow_models_serve_answers_with_the_pixels_of_cdiff_sample(store, tmp_
 def test_compare_lists_every_registered_version_with_its_aliases(store, tmp_path):
     import shutil
 
-    from pipelines.core import tracking
+    from pipelines.core import registry
     from pipelines.core.config import load_params
     from tests.helpers import ROOT
 
     shutil.copy(ROOT / "tests" / "tiny_params.yaml", tmp_path / "params.yaml")  # mlflow: cdiff-base, cdiff-adapter-
-    rows = tracking.registry_versions(load_params(tmp_path / "params.yaml"))
-    assert [(r["model"], r["version"], r["aliases"]) for r in rows] == [
-        ("cdiff-adapter-digits", 1, ""),
-        ("cdiff-adapter-digits", 2, "champion"),
-        ("cdiff-adapter-foreign", 1, "champion"),
-        ("cdiff-adapter-letters", 1, "champion"),
-        ("cdiff-base", 1, "adapters"),
-        ("cdiff-base", 2, ""),
+    rows = registry.versions(load_params(tmp_path / "params.yaml"))
+    assert [(r.model, r.version, r.aliases) for r in rows] == [
+        ("cdiff-adapter-digits", 1, []),
+        ("cdiff-adapter-digits", 2, ["champion"]),
+        ("cdiff-adapter-foreign", 1, ["champion"]),
+        ("cdiff-adapter-letters", 1, ["champion"]),
+        ("cdiff-base", 1, ["adapters"]),
+        ("cdiff-base", 2, []),
     ]
-    assert [r["fid"] for r in rows[:2]] == [5.0, 3.0] and rows[0]["r"] == "2"
-    only = tracking.registry_versions(load_params(tmp_path / "params.yaml"), "digits")
-    assert [r["model"] for r in only] == ["cdiff-adapter-digits"] * 2 + ["cdiff-base"] * 2
+    assert [r.tags.fid for r in rows[:2]] == [5.0, 3.0] and rows[0].tags.r == 2 and rows[0].tags.alpha == 2.0
+    only = registry.versions(load_params(tmp_path / "params.yaml"), "digits")
+    assert [r.model for r in only] == ["cdiff-adapter-digits"] * 2 + ["cdiff-base"] * 2
     out = subprocess.run(
         [sys.executable, "-m", "pipelines.compare"], cwd=tmp_path, env=store.env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr[-3000:]
     listed = out.stdout.split("registered versions", 1)[1]
-    assert all(f"{r['model']} " in listed for r in rows) and listed.count("champion") == 3, listed
+    assert all(f"{r.model} " in listed for r in rows) and listed.count("champion") == 3, listed
 
 
 def test_pyproject_registers_the_resolvers_by_entry_point_alone():

@@ -54,10 +54,18 @@ def test_scalars_are_dotted_numbers():
 
 
 def test_sweeps_and_curves_round_trip(tmp_path):
-    points = [results.SweepPoint("ddpm", results.Score(3.0, 0.9, 20), 12.5)]
+    full = results.Score(3.0, 0.9, 20, [2.5, 3.5], [0.8, 0.95], fid_raw=4.0, kid=0.01)
+    points = [results.SweepPoint("ddpm", full, 12.5), results.SweepPoint("ddim-5", results.Score(5.0, 0.7, 20), 1.0)]
     results.save_sweep(tmp_path / "sweep.csv", "sampler", points)
-    assert (tmp_path / "sweep.csv").read_text().splitlines()[0] == "sampler,fid,gan_test,seconds,images"
+    assert (tmp_path / "sweep.csv").read_text().splitlines() == [
+        "sampler,fid,fid_low,fid_high,fid_raw,kid,gan_test,gan_test_low,gan_test_high,seconds,images",
+        "ddpm,3.000000,2.500000,3.500000,4.000000,0.010000,0.900000,0.800000,0.950000,12.500,20",
+        "ddim-5,5.000000,,,,,0.700000,,,1.000,20",  # no interval: empty cells
+    ]
     assert results.load_sweep(tmp_path / "sweep.csv") == points
+    (tmp_path / "old.csv").write_text("sampler,fid,gan_test,seconds,images\nddpm,3.0,0.9,12.5,20\n")
+    with pytest.raises(CdiffError, match="is not a sweep CSV"):
+        results.load_sweep(tmp_path / "old.csv")
     results.save_curve(tmp_path / "loss.csv", [(5, 0.5), (10, 0.25)])
     assert results.load_curve(tmp_path / "loss.csv") == [(5, 0.5), (10, 0.25)]
 
@@ -104,10 +112,11 @@ def test_a_score_shows_its_intervals_and_compares_only_beyond_them():
     )
 
 
-def test_champion_moves_only_to_an_adapter_better_beyond_the_interval(tmp_path, monkeypatch):
+def test_without_kept_images_the_champion_moves_only_beyond_both_intervals(tmp_path, monkeypatch):
+    # the fallback for versions whose judged images were not kept: the two intervals are compared
     from mlflow.tracking import MlflowClient
 
-    from pipelines.core import tracking
+    from pipelines.core import registry
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -115,11 +124,19 @@ def test_champion_moves_only_to_an_adapter_better_beyond_the_interval(tmp_path, 
     client.create_registered_model("cdiff-adapter-x")
     versions = [str(client.create_model_version("cdiff-adapter-x", str(tmp_path / f"m{i}")).version) for i in range(4)]
     scores = [(50.0, [45.0, 55.0]), (48.0, [44.0, 53.0]), (60.0, [57.0, 64.0]), (30.0, [27.0, 34.0])]
-    verdicts = [
-        tracking.set_champion("cdiff-adapter-x", v, results.Score(fid, 0.8, 300, ci))
+    crowned = [
+        registry.set_champion("cdiff-adapter-x", v, results.Score(fid, 0.8, 300, ci))
         for v, (fid, ci) in zip(versions, scores, strict=True)
     ]
     first, tie, worse, better = versions
-    assert verdicts == [(first, "first"), (first, "tie"), (first, "worse"), (better, "better")]
+    assert [(c.champion, c.why) for c in crowned] == [
+        (first, "first"),
+        (first, "tie"),
+        (first, "worse"),
+        (better, "better"),
+    ]
+    assert crowned[1].comparison == results.Comparison(-2.0, None, "tie", paired=False)
     champion = client.get_model_version_by_alias("cdiff-adapter-x", "champion")
     assert str(champion.version) == better
+    tags = registry.VersionTags.read(champion.tags)
+    assert (tags.fid, tags.fid_low, tags.fid_high) == (30.0, 27.0, 34.0)

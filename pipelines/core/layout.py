@@ -125,6 +125,14 @@ class Layout:
     def full_metrics(self, domain: str) -> Path:
         return self.root / "metrics" / f"full-{domain}.json"
 
+    def judged(self, domain: str, what: str) -> Path:
+        """A domain's judged image set: the judge features the report compares, paired (cdiff.metrics.JudgedFeatures).
+        'real' (the test split) and 'adapter' in the evaluate stage's folder (empty for a domain no judge can
+        score), 'full' (the full fine-tune) beside it."""
+        if what == "full":
+            return self.root / "metrics" / "judged" / f"full-{domain}.safetensors"
+        return self.root / "metrics" / "judged" / domain / f"{what}.safetensors"
+
     def per_class(self, metrics_file: Path) -> Path:
         """Per-class accuracy beside a metrics file, kept out of it so that `dvc metrics show` stays one table."""
         return self.root / "metrics" / "per_class" / metrics_file.name

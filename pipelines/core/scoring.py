@@ -6,12 +6,16 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import torch
+
+from cdiff.bootstrap import accuracy_difference, fid_difference
 from cdiff.config import SampleConfig
 from cdiff.data import ImageSet
+from cdiff.io import fingerprint
 from cdiff.judge import load_judge
-from cdiff.metrics import balanced_subset, gaussian_stats, generate, judge_images, reference_features
+from cdiff.metrics import JudgedFeatures, Judgement, balanced_subset, generate, judge_images, reference_features
 from cdiff.names import safe_names
-from cdiff.results import Score
+from cdiff.results import Comparison, Score
 from cdiff.samplers import Sampler
 
 
@@ -19,6 +23,7 @@ class Judged(NamedTuple):
     score: Score
     per_class: dict[str, float]  # GAN-test accuracy under safe class names (they become MLflow keys)
     seconds: float  # to generate the images (0 for real ones)
+    judgement: Judgement  # the images' features, labels and hits: what paired comparisons resample
 
 
 class Scorer:
@@ -29,10 +34,12 @@ class Scorer:
     """
 
     def __init__(self, judge: Path, test_set: ImageSet, per_class: int, seed: int, sample: SampleConfig | None = None):
-        self.judge, _ = load_judge(judge)
+        self.judge, config = load_judge(judge)
         self.class_names = test_set.class_names
         self.reference_features = reference_features(self.judge, test_set)
-        self.reference = gaussian_stats(self.reference_features)
+        self.reference_labels = test_set.labels
+        # names the judge and the real split: judged images compare, paired, only under the same reference
+        self.reference = f"{config.get('fingerprint', '')}/{fingerprint({'features': self.reference_features})}"
         self.per_class, self.seed, self.sample = per_class, seed, sample or SampleConfig()
 
     def floor(self, train_set: ImageSet) -> Judged:
@@ -58,18 +65,29 @@ class Scorer:
         return self._judge(images, labels, time.perf_counter() - start)
 
     def _judge(self, images, labels, seconds: float) -> Judged:
-        scores = judge_images(
-            self.judge,
-            images,
-            labels,
-            self.class_names,
-            self.reference,
-            reference_features=self.reference_features,
-            seed=self.seed,
+        judged = judge_images(
+            self.judge, images, labels, self.class_names, self.reference_features, self.reference_labels, seed=self.seed
         )
         names = dict(zip(self.class_names, safe_names(self.class_names), strict=True))
-        per_class = {names[k]: v for k, v in scores["gan_test_per_class"].items()}
-        score = Score(
-            scores["fid"], scores["gan_test"], scores["count"], scores["fid_interval"], scores["gan_test_interval"]
-        )
-        return Judged(score, per_class, seconds)
+        per_class = {names[k]: v for k, v in judged.per_class.items()}
+        return Judged(judged.score, per_class, seconds, judged)
+
+    def difference(self, a: Judgement, b: Judgement) -> tuple[Comparison, Comparison]:
+        """A - B in FID (paired: one real set, resampled once for both) and in GAN-test accuracy, with intervals."""
+        real = (self.reference_features, self.reference_labels)
+        fid = fid_difference((a.features, a.labels), (b.features, b.labels), real, seed=self.seed)
+        accuracy = accuracy_difference((a.correct, a.labels), (b.correct, b.labels), seed=self.seed)
+        return Comparison.of(fid), Comparison.of(accuracy)
+
+    def real(self) -> JudgedFeatures:
+        """The real split's judge features, for comparisons made later (the report's adapter - full fine-tune)."""
+        hits = torch.ones(len(self.reference_labels), dtype=torch.bool)
+        return JudgedFeatures(self.reference_features, self.reference_labels, hits, self.reference)
+
+    def versus_kept(self, a: Judgement, kept: JudgedFeatures | None) -> Comparison | None:
+        """A - judged images kept earlier (cdiff.metrics.JudgedFeatures), in FID (paired); None where none were
+        kept or they were judged under another reference (another judge or real split)."""
+        if kept is None or kept.reference != self.reference:
+            return None
+        real = (self.reference_features, self.reference_labels)
+        return Comparison.of(fid_difference((a.features, a.labels), (kept.features, kept.labels), real, seed=self.seed))

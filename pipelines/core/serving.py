@@ -1,6 +1,6 @@
 """The MLflow pyfunc model of the base, or of an adapter with its base: what `mlflow models serve` runs.
 
-Logged as code (MLflow's models from code: tracking.log_servable copies this file into the model and
+Logged as code (MLflow's models from code: registry.log_servable copies this file into the model and
 MLflow runs it to build the model; nothing is pickled). The model's artefacts are cdiff folders, read
 with cdiff's checked safetensors loaders: `base` (the base model) and, for an adapter, `adapter`. The
 cdiff package that wrote them is bundled too (code_paths), so a registered version is whole: serving it

@@ -1,5 +1,6 @@
 """MLflow, and only here: stage runs, reopening an earlier stage's run, Tune trials as child runs,
-curves, result records, and the registry (register, alias, champion).
+curves, result records, and models:/ and runs:/ URIs downloaded (the registry's versions, tags and aliases:
+pipelines/core/registry.py).
 
 Every client is built by `client()` with the tracking URI; a server that is down fails the stage in
 one line before anything trains.
@@ -12,9 +13,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,14 +25,10 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-import cdiff
 from cdiff import results
-from cdiff.checkpoint import read_model_config
 from cdiff.config import from_dict, to_dict
 from cdiff.errors import CdiffError
 from cdiff.io import Artefact, atomic_dir, kept_whatever_happens, read_json, write_json
-from cdiff.lora import read_adapter_config
-from cdiff.samplers import Sampler
 from pipelines.core.config import Params
 from pipelines.core.layout import paths
 
@@ -203,15 +198,19 @@ def load_result(run_id: str, cls: type[results.R]) -> results.R | None:
     return from_dict(cls, raw, f"run {run_id[:8]} results/{cls.__name__}.json")
 
 
-def stage_runs(p: Params, stage: str, domain: str | None = None) -> list[dict]:
+@dataclass(frozen=True)
+class StageRun:
+    run_id: str
+    domain: str
+    commit: str  # the git commit it ran at
+
+
+def stage_runs(p: Params, stage: str, domain: str | None = None) -> list[StageRun]:
     """Every finished run of a stage (optionally one domain): run_id, domain and git commit of each."""
     setup(p)
     query = f"tags.stage = '{stage}'" + (f" and tags.domain = '{domain}'" if domain else "")
     runs = client().search_runs([mlflow.get_experiment_by_name(p.mlflow.experiment).experiment_id], query)
-    return [
-        {"run_id": r.info.run_id, "domain": r.data.tags.get("domain", ""), "commit": r.data.tags.get("git_commit", "")}
-        for r in runs
-    ]
+    return [StageRun(r.info.run_id, r.data.tags.get("domain", ""), r.data.tags.get("git_commit", "")) for r in runs]
 
 
 def log_curve(run_id: str, name: str, points: list[tuple[int, float]], uri: str | None = None) -> None:
@@ -253,84 +252,6 @@ def set_tags(run_id: str, tags: dict[str, str], uri: str | None = None) -> None:
     mlflow_client = MlflowClient(uri) if uri else client()
     for key, value in tags.items():
         mlflow_client.set_tag(run_id, key, value)
-
-
-_NOT_CODE = shutil.ignore_patterns("__pycache__", "*.pyc")
-
-
-def log_servable(name: str, base: Path, adapter: Path | None, sampler: Sampler, tags: dict) -> str:
-    """Log the base (with `adapter`, if given) as a pyfunc model on the active run (pipelines/core/serving.py,
-    both folders bundled) and register it as a new version of `name`; returns the version."""
-    from pipelines.core import serving
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file copied
-    folders = {serving.BASE: base} | ({serving.ADAPTER: adapter} if adapter is not None else {})
-    if adapter is not None:
-        names = read_adapter_config(adapter).get("class_names")
-    else:
-        names = read_model_config(base).class_names
-    example = serving.input_example((names or ["0"])[0], sampler)
-    packages = ("mlflow", "torch", "torchvision", "safetensors", "pillow", "pandas")
-    requirements = [f"{n}=={version(n)}" for n in packages]
-    with tempfile.TemporaryDirectory() as tmp:
-        artifacts = {key: str(shutil.copytree(folder, Path(tmp) / key)) for key, folder in folders.items()}
-        code = shutil.copytree(Path(cdiff.__file__).parent, Path(tmp) / "code" / "cdiff", ignore=_NOT_CODE)
-        info = mlflow.pyfunc.log_model(
-            name=serving.NAME,
-            python_model=serving.__file__,
-            artifacts=artifacts,
-            model_config={"sampler": to_dict(sampler)},
-            signature=serving.signature(sampler),
-            input_example=example,
-            pip_requirements=requirements,  # given, not inferred (which loads the model in a subprocess)
-            code_paths=[str(code)],  # the cdiff that wrote the folders serves them
-        )
-    mlflow_client = client()
-    try:
-        mlflow_client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        mlflow_client.create_registered_model(name)
-    mv = mlflow_client.create_model_version(
-        name,
-        info.model_uri,
-        run_id=mlflow.active_run().info.run_id,
-        tags={k: str(v) for k, v in tags.items()},
-        model_id=info.model_id,
-    )
-    return mv.version
-
-
-def set_base_alias(p: Params, fingerprint: str, alias: str = "adapters") -> None:
-    """Point the base model's alias at the registered version whose weights the adapters were trained on."""
-    mlflow_client, name = client(), p.mlflow.base_model_name
-    for mv in mlflow_client.search_model_versions(f"name = '{name}'"):
-        if mv.tags.get("fingerprint") == fingerprint:
-            mlflow_client.set_registered_model_alias(name, alias, mv.version)
-            return
-
-
-def set_champion(model_name: str, version: str, score: results.Score) -> tuple[str, str]:
-    """Tag this version with its FID and interval; move `champion` to it only if it beats the champion's FID
-    beyond both intervals. Returns (champion version, why: 'first', 'better', 'tie' or 'worse')."""
-    mlflow_client = client()
-    low, high = score.fid_interval or (score.fid, score.fid)
-    for key, value in (("fid", score.fid), ("fid_low", low), ("fid_high", high)):
-        mlflow_client.set_model_version_tag(model_name, version, key, f"{value:.8f}")
-    try:
-        current = mlflow_client.get_model_version_by_alias(model_name, "champion")
-    except mlflow.exceptions.MlflowException:
-        current = None
-    if current is None or str(current.version) == str(version) or "fid" not in current.tags:
-        mlflow_client.set_registered_model_alias(model_name, "champion", str(version))
-        return str(version), "first"
-    tags = current.tags
-    fid = float(tags["fid"])
-    held = results.Score(fid, 0.0, 0, [float(tags.get("fid_low", fid)), float(tags.get("fid_high", fid))])
-    verdict = score.fid_beats(held)
-    if verdict:
-        mlflow_client.set_registered_model_alias(model_name, "champion", str(version))
-        return str(version), "better"
-    return str(current.version), "worse" if verdict is False else "tie"
 
 
 def run_origin(p: Params, run_id: str, folder: Path) -> tuple[str, dict[str, Path]]:
@@ -452,41 +373,3 @@ def resolve_uri(uri: str, kind: str | None) -> Path:
     if key not in folders:
         raise CdiffError(f"{uri} holds no {kind}: it is a base model")
     return folders[key]
-
-
-def registry_versions(p: Params, domain: str | None = None) -> list[dict]:
-    """Every registered version of the base and of each domain's adapter (or of one domain's), with its
-    aliases and the tags the stages set (FID, val loss, rank, alpha), in name and version order."""
-    check_server(tracking_uri())
-    mlflow_client = client()
-    prefix = p.mlflow.adapter_model_prefix
-    wanted = (lambda n: n == prefix + domain) if domain else (lambda n: n.startswith(prefix))
-    rows = []
-    for model in mlflow_client.search_registered_models(max_results=1000):
-        if model.name != p.mlflow.base_model_name and not wanted(model.name):
-            continue
-        aliases: dict[str, list[str]] = {}
-        for alias, number in model.aliases.items():
-            aliases.setdefault(str(number), []).append(alias)
-        for mv in mlflow_client.search_model_versions(f"name = '{model.name}'"):
-            tags = mv.tags
-            rows.append(
-                {
-                    "model": model.name,
-                    "version": int(mv.version),
-                    "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                    "fid": float(tags["fid"]) if "fid" in tags else None,
-                    "val_loss": float(tags["val_loss"]) if "val_loss" in tags else None,
-                    "r": tags.get("r"),
-                    "alpha": tags.get("alpha"),
-                    "run_id": mv.run_id or "",
-                }
-            )
-    return sorted(rows, key=lambda r: (r["model"], r["version"]))
-
-
-def aliased(p: Params, rows: list[dict], alias: str) -> dict[str, str]:
-    """{domain: models:/ADAPTER@alias} for every adapter among `registry_versions` rows with a version holding `alias`."""
-    prefix = p.mlflow.adapter_model_prefix
-    named = {r["model"] for r in rows if r["model"].startswith(prefix) and alias in r["aliases"].split(",")}
-    return {name[len(prefix) :]: f"models:/{name}@{alias}" for name in sorted(named)}
