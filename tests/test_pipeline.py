@@ -76,6 +76,11 @@ def test_metrics_and_report_hold_judge_scores_and_goals(project):
     m = results.load(work / "metrics/inverted.json", results.DomainEvaluation)
     for score in (m.floor, m.base, m.adapter):
         assert score.fid >= 0 and 0 <= score.gan_test <= 1 and score.images == 10 * 4
+        low, high = score.fid_interval
+        assert low <= score.fid <= high and score.fid_raw >= 0 and score.kid is not None  # the headline inside
+    assert m.adapter_vs_base_fid.verdict in ("better", "tie", "worse") and m.adapter_vs_base_fid.paired
+    low, high = m.adapter_vs_base_fid.difference_interval
+    assert low <= m.adapter_vs_base_fid.difference <= high
     assert (m.r, m.alpha) == tuple(
         json.loads((work / "adapters/inverted/adapter_config.json").read_text())[k] for k in ("r", "lora_alpha")
     )
@@ -84,7 +89,7 @@ def test_metrics_and_report_hold_judge_scores_and_goals(project):
     shown = run_dvc_metrics_show(work, env)  # one table: the same columns for every domain, no per-class keys
     assert not any("per_class" in column or column.startswith("accuracy.") for column in shown)
     sweep = (work / "plots/sweep_sampler.csv").read_text().splitlines()
-    assert sweep[0] == "sampler,fid,gan_test,seconds,images"
+    assert sweep[0] == "sampler,fid,fid_low,fid_high,fid_raw,kid,gan_test,gan_test_low,gan_test_high,seconds,images"
     assert [r.split(",")[0] for r in sweep[1:]] == ["ddpm", "ddim-5", "dpm++2m-5"]
     guidance, samplers = (results.load_sweep(work / f"plots/sweep_{over}.csv") for over in ("guidance", "sampler"))
     assert guidance[1].setting == "2" and guidance[1] == replace(samplers[2], setting="2")  # dpm++2m-5 at 2: once
@@ -93,6 +98,10 @@ def test_metrics_and_report_hold_judge_scores_and_goals(project):
     assert len(summary.domains["rotated"].goals) == 3 and summary.domains["rotated"].full is None
     report = (work / "reports/report.md").read_text()
     assert f"{m.adapter.fid:.4g}" in report and "Quality goals" in report
+    full = summary.domains["inverted"].adapter_vs_full_fid  # paired, from the judged features the stages kept
+    assert full is not None and full.paired
+    assert f"Adapter minus full fine-tune: FID {full.shown()}" in (work / "reports/inverted/report.md").read_text()
+    assert summary.domains["rotated"].adapter_vs_full_fid is None
 
 
 def run_dvc_metrics_show(work, env) -> list[str]:
