@@ -197,6 +197,7 @@ def cmd_compare(args) -> None:
             if d.evaluation.adapter_vs_base_fid
             else None,
             "kid_adapter": of(d.evaluation.adapter, "kid"),
+            "cas_adapter": of(d.evaluation.adapter, "cas"),
             "fid_full": d.full.score.fid if d.full else None,
             "fid_full_95": d.full.score.fid_interval if d.full else None,
             "gan_test": of(d.evaluation.adapter, "gan_test"),
