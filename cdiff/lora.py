@@ -1,6 +1,7 @@
 """LoRA: low-rank adapters that wrap a frozen nn.Linear, as PEFT does.
 
-y = base_layer(x) + dropout(x) @ lora_A @ lora_B * (lora_alpha / r)
+y = base_layer(x) + dropout(x) @ lora_A @ lora_B * scaling,  scaling = lora_alpha / r
+(or lora_alpha / sqrt(r) with `use_rslora`, rank-stabilised LoRA: Kalajdzievski 2023, PEFT's option)
 
 An adapter folder is adapter.safetensors (adapter tensors only) + adapter_config.json (settings, the
 base it belongs to, and fingerprints of both). `load_adapter` checks all of it before it touches the
@@ -37,12 +38,14 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = ADAPTER.weights, ADAPTER.marker
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0):
+    def __init__(
+        self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+    ):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
         self.base_layer = base_layer
-        self.r, self.lora_alpha = r, lora_alpha
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         like = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         a = torch.empty(r, base_layer.in_features, **like)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear(in, r) would be initialised
@@ -55,7 +58,7 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     @property
     def merged(self) -> bool:
@@ -85,7 +88,7 @@ class LoRALinear(nn.Module):
         return out + (self.lora_dropout(x) @ self.lora_A @ self.lora_B) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}"
+        return f"r={self.r}, lora_alpha={self.lora_alpha}" + (", use_rslora=True" if self.use_rslora else "")
 
 
 @dataclass
@@ -101,6 +104,7 @@ class _LoraState:
     base_fingerprint: str
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     saved_class_names: list[str] = field(default_factory=list)
+    use_rslora: bool = False
 
 
 def _plan(model, targets, extra_trainable) -> list[str]:
@@ -119,10 +123,13 @@ def _plan(model, targets, extra_trainable) -> list[str]:
     return names
 
 
-def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.0, extra_trainable=()) -> list[str]:
+def inject_lora(
+    model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.0, extra_trainable=(), *, use_rslora=False
+) -> list[str]:
     """Wrap every nn.Linear whose name ends with a target ("w_q", "attn.feedforward.0"); freeze all but LoRA and extras.
 
     `extra_trainable` names whole modules (e.g. "prompt") that train too and are saved with the adapter.
+    `use_rslora`: scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA, PEFT's name).
     Returns the injected module names. A bad target or module is refused before the model is changed.
     """
     if getattr(model, "_cdiff_lora", None) is not None:
@@ -130,18 +137,18 @@ def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.
     LoraConfig(r, alpha, dropout, list(targets), list(extra_trainable)).validate("lora")
     names = _plan(model, targets, extra_trainable)
     is_meta = any(t.is_meta for t in model.state_dict().values())
-    _inject(
-        model, names, r, alpha, dropout, targets, extra_trainable, "" if is_meta else fingerprint(model.state_dict())
-    )
+    base_fp = "" if is_meta else fingerprint(model.state_dict())
+    _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp, use_rslora=use_rslora)
     return names
 
 
-def _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp: str) -> None:
+def _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp: str, *, use_rslora=False) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], LoRALinear(model.get_submodule(name), r, alpha, dropout))
+        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora)
+        setattr(parent, name.rpartition(".")[2], layer)
     saved = {}
     for extra in extra_trainable:
         module = model.get_submodule(extra)
@@ -158,6 +165,7 @@ def _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp: 
         base_fp,
         saved,
         list(model.prompt.class_names) if hasattr(model, "prompt") else [],
+        use_rslora,
     )
 
 
@@ -245,6 +253,7 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     extra_trainable: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
+    use_rslora: bool = False  # absent (adapters saved before it existed): plain alpha / r
 
     def validate(self, key: str) -> None:
         LoraConfig(self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable).validate(
@@ -271,6 +280,7 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
         lora_dropout=state.lora_dropout,
         extra_trainable=state.extra_trainable,
         class_names=list(class_names if class_names is not None else model.prompt.class_names),
+        use_rslora=state.use_rslora,
     )
     config.validate("adapter")
     save_weights_folder(ADAPTER, path, adapter_state_dict(model), to_dict(config), overwrite=overwrite)
@@ -344,6 +354,7 @@ def load_adapter(model, path) -> list[str]:
         parsed.target_modules,
         parsed.extra_trainable,
         base_fp,
+        use_rslora=parsed.use_rslora,
     )
     own = adapter_state_dict(model)
     with torch.no_grad():

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -151,8 +153,6 @@ def test_corrupt_or_pickled_adapter_files_are_refused(tiny_model, tmp_path):
 
 
 def _edit_config(folder, **changes):
-    import json
-
     config = json.loads((folder / "adapter_config.json").read_text())
     config.update(changes)
     (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
@@ -281,8 +281,6 @@ def test_inject_lora_checks_before_it_changes_the_model(tiny_model):
 
 
 def test_adapters_carry_their_own_fingerprint_and_refuse_nan(tiny_model, tmp_path):
-    import json
-
     inject_lora(tiny_model, r=2, alpha=2)
     save_adapter(tiny_model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -292,3 +290,71 @@ def test_adapters_carry_their_own_fingerprint_and_refuse_nan(tiny_model, tmp_pat
     with pytest.raises(CdiffError, match="holds NaN or infinite"):
         save_adapter(tiny_model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+# ---- rsLoRA: scaling alpha / sqrt(r) ----------------------------------------------------------------
+
+
+def _hand_layer(**options) -> LoRALinear:
+    """in 3, out 2, r 4, alpha 6: rsLoRA scales by 6 / sqrt(4) = 3 (plain LoRA by 6 / 4 = 1.5)."""
+    base = nn.Linear(3, 2)
+    layer = LoRALinear(base, r=4, lora_alpha=6, **options)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0]]))  # W (out, in)
+        base.bias.copy_(torch.tensor([0.5, -1.0]))
+        # PEFT's orientation: A (r, in), B (out, r); cdiff stores their transposes (x @ lora_A @ lora_B)
+        layer.lora_A.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]).T)
+        layer.lora_B.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1]]).T)
+    return layer
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    # W x + b = [1, 2] + [0.5, -1]; A x = [1, 2, 3, 6]; B A x = [1, 6]
+    assert torch.equal(_hand_layer(use_rslora=True)(x), torch.tensor([[1.5 + 3 * 1, 1 + 3 * 6.0]]))
+    assert torch.equal(_hand_layer()(x), torch.tensor([[1.5 + 1.5 * 1, 1 + 1.5 * 6.0]]))
+
+
+def test_rslora_merge_and_unmerge_are_exact():
+    layer, x = _hand_layer(use_rslora=True), torch.randn(5, 3)
+    unmerged, weight = layer(x), layer.base_layer.weight.clone()
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, torch.tensor([[1.0 + 3, 0, 0], [3, 4, 3]]))  # W + 3 B A
+    assert torch.allclose(layer(x), unmerged, atol=1e-6)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, weight) and torch.equal(layer(x), unmerged)
+
+
+def test_rslora_adapter_round_trip_keeps_it(tiny_model, tmp_path):
+    tiny_model.eval()
+    inject_lora(tiny_model, r=4, alpha=4, use_rslora=True)
+    _randomize_lora(tiny_model)
+    expected = tiny_model(X, T, Y)
+    save_adapter(tiny_model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["use_rslora"] is True
+    unload_lora(tiny_model)
+    load_adapter(tiny_model, tmp_path / "a")
+    assert all(layer.use_rslora and layer.scaling == 2.0 for layer in lora_layers(tiny_model))
+    assert torch.equal(tiny_model(X, T, Y), expected)
+
+
+def test_an_adapter_config_without_use_rslora_loads_as_plain_lora(tiny_model, tmp_path):
+    tiny_model.eval()
+    for name, rslora in (("plain", False), ("rs", True)):
+        inject_lora(tiny_model, r=4, alpha=4, use_rslora=rslora)
+        _randomize_lora(tiny_model)
+        save_adapter(tiny_model, tmp_path / name)
+        unload_lora(tiny_model)
+    load_adapter(tiny_model, tmp_path / "rs")
+    rs_output = tiny_model(X, T, Y)
+    load_adapter(tiny_model, tmp_path / "plain")
+    plain_output = tiny_model(X, T, Y)
+    for name in ("plain", "rs"):  # as an older cdiff wrote them
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        del config["use_rslora"]
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+    load_adapter(tiny_model, tmp_path / "plain")
+    assert torch.equal(tiny_model(X, T, Y), plain_output)
+    load_adapter(tiny_model, tmp_path / "rs")  # the same tensors, now read as plain LoRA: alpha / r
+    assert all(not layer.use_rslora and layer.scaling == 1.0 for layer in lora_layers(tiny_model))
+    assert not torch.allclose(tiny_model(X, T, Y), rs_output, atol=1e-4)
