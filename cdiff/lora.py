@@ -39,13 +39,19 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = ADAPTER.weights, ADAPTER.marker
 
 class LoRALinear(nn.Module):
     def __init__(
-        self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0, use_rslora: bool = False
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
     ):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
         self.base_layer = base_layer
-        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
         like = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         a = torch.empty(r, base_layer.in_features, **like)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear(in, r) would be initialised
@@ -53,6 +59,8 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(
             torch.zeros(r, base_layer.out_features, **like)
         )  # (r, out): a fresh adapter is a no-op
+        if use_dora:  # m = ||W|| per output row: with B = 0, m / ||W + s·ΔW|| is exactly 1
+            self.lora_magnitude_vector = nn.Parameter(base_layer.weight.detach().norm(dim=1))  # (out,)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._unmerged_weight: torch.Tensor | None = None
 
@@ -67,12 +75,22 @@ class LoRALinear(nn.Module):
     def get_delta_weight(self) -> torch.Tensor:
         return (self.lora_A @ self.lora_B).T * self.scaling  # (out, in), the shape of base_layer.weight
 
+    def _dora_factor(self) -> torch.Tensor:
+        """m / ||W + s·ΔW||, per output row (out,); the norm is a constant for the gradient, as in PEFT
+        (DoRA paper, section 4.3)."""
+        weight = self.base_layer.weight + self.get_delta_weight()  # (out, in)
+        return self.lora_magnitude_vector / weight.norm(dim=1).detach()
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight: zero overhead at inference."""
         if not self.merged:
-            self._unmerged_weight = self.base_layer.weight.detach().clone()
-            self.base_layer.weight += self.get_delta_weight()
+            weight = self.base_layer.weight
+            self._unmerged_weight = weight.detach().clone()
+            if self.use_dora:  # m * (W + s·ΔW) / ||W + s·ΔW||; the bias is not rescaled
+                weight.copy_(self._dora_factor()[:, None] * (weight + self.get_delta_weight()))
+            else:
+                weight += self.get_delta_weight()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -85,10 +103,18 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + (self.lora_dropout(x) @ self.lora_A @ self.lora_B) * self.scaling
+        x = self.lora_dropout(x)
+        lora = (x @ self.lora_A @ self.lora_B) * self.scaling
+        if not self.use_dora:
+            return out + lora
+        # (m/n) (W x + s·ΔW x) + b, written as PEFT does: the base output plus (m/n - 1) W x, which is
+        # exactly 0 for a fresh adapter
+        factor = self._dora_factor()
+        return out + (factor - 1) * nn.functional.linear(x, self.base_layer.weight) + factor * lora
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}" + (", use_rslora=True" if self.use_rslora else "")
+        options = [name for name in ("use_rslora", "use_dora") if getattr(self, name)]
+        return ", ".join([f"r={self.r}", f"lora_alpha={self.lora_alpha}", *(f"{o}=True" for o in options)])
 
 
 @dataclass
@@ -105,6 +131,7 @@ class _LoraState:
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     saved_class_names: list[str] = field(default_factory=list)
     use_rslora: bool = False
+    use_dora: bool = False
 
 
 def _plan(model, targets, extra_trainable) -> list[str]:
@@ -124,12 +151,21 @@ def _plan(model, targets, extra_trainable) -> list[str]:
 
 
 def inject_lora(
-    model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.0, extra_trainable=(), *, use_rslora=False
+    model,
+    targets=("w_q", "w_k", "w_v"),
+    r=4,
+    alpha=4.0,
+    dropout=0.0,
+    extra_trainable=(),
+    *,
+    use_rslora=False,
+    use_dora=False,
 ) -> list[str]:
     """Wrap every nn.Linear whose name ends with a target ("w_q", "attn.feedforward.0"); freeze all but LoRA and extras.
 
     `extra_trainable` names whole modules (e.g. "prompt") that train too and are saved with the adapter.
     `use_rslora`: scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA, PEFT's name).
+    `use_dora`: DoRA, a trainable magnitude per output row times the direction of W + s·ΔW (PEFT's name).
     Returns the injected module names. A bad target or module is refused before the model is changed.
     """
     if getattr(model, "_cdiff_lora", None) is not None:
@@ -138,16 +174,20 @@ def inject_lora(
     names = _plan(model, targets, extra_trainable)
     is_meta = any(t.is_meta for t in model.state_dict().values())
     base_fp = "" if is_meta else fingerprint(model.state_dict())
-    _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp, use_rslora=use_rslora)
+    _inject(
+        model, names, r, alpha, dropout, targets, extra_trainable, base_fp, use_rslora=use_rslora, use_dora=use_dora
+    )
     return names
 
 
-def _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp: str, *, use_rslora=False) -> None:
+def _inject(
+    model, names, r, alpha, dropout, targets, extra_trainable, base_fp: str, *, use_rslora=False, use_dora=False
+) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora)
+        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora, use_dora)
         setattr(parent, name.rpartition(".")[2], layer)
     saved = {}
     for extra in extra_trainable:
@@ -166,6 +206,7 @@ def _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp: 
         saved,
         list(model.prompt.class_names) if hasattr(model, "prompt") else [],
         use_rslora,
+        use_dora,
     )
 
 
@@ -228,6 +269,8 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     for name in state.injected:
         layer = model.get_submodule(name)
         out[f"{name}.lora_A"], out[f"{name}.lora_B"] = layer.lora_A.detach(), layer.lora_B.detach()
+        if layer.use_dora:
+            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     for extra in state.extra_trainable:
         for k, v in model.get_submodule(extra).state_dict().items():
             out[f"{extra}.{k}"] = v.detach()
@@ -254,6 +297,7 @@ class AdapterConfig:
     extra_trainable: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
     use_rslora: bool = False  # absent (adapters saved before it existed): plain alpha / r
+    use_dora: bool = False  # absent: plain LoRA; with it, adapter.safetensors holds each layer's magnitude
 
     def validate(self, key: str) -> None:
         LoraConfig(self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable).validate(
@@ -281,6 +325,7 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
         extra_trainable=state.extra_trainable,
         class_names=list(class_names if class_names is not None else model.prompt.class_names),
         use_rslora=state.use_rslora,
+        use_dora=state.use_dora,
     )
     config.validate("adapter")
     save_weights_folder(ADAPTER, path, adapter_state_dict(model), to_dict(config), overwrite=overwrite)
@@ -315,12 +360,33 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
             names = _plan(skeleton, parsed.target_modules, parsed.extra_trainable)
         except CdiffError as e:
             raise CdiffError(f"adapter {display_path(path)} does not fit its base model: {e}") from e
-        _inject(skeleton, names, parsed.r, parsed.lora_alpha, 0.0, parsed.target_modules, parsed.extra_trainable, "")
+        _inject_as(skeleton, parsed, names, base_fp="", dropout=0.0)
         expected = adapter_state_dict(skeleton)
     if names != parsed.injected:
         raise CdiffError(f"{display_path(path / ADAPTER_CONFIG)}: 'injected' does not match target_modules")
     check_fits(expected, tensors, path)
     return tensors, config
+
+
+def _inject_as(model, config: AdapterConfig, names: list[str], base_fp: str, dropout: float) -> None:
+    """Wrap `names` as the adapter `config` describes."""
+    settings = (config.r, config.lora_alpha, dropout, config.target_modules, config.extra_trainable)
+    _inject(model, names, *settings, base_fp, use_rslora=config.use_rslora, use_dora=config.use_dora)
+
+
+def check_base(model, config: AdapterConfig, path) -> str:
+    """The model's base fingerprint, once it is the base `config` (of the adapter at `path`) was trained on."""
+    if to_dict(config.base_model) != to_dict(model.config):
+        raise CdiffError(
+            f"adapter {display_path(path)} was made for another model architecture: use the base it was trained on"
+        )
+    current = getattr(model, "_cdiff_lora", None)
+    base_fp = current.base_fingerprint if current is not None else fingerprint(model.state_dict())
+    if base_fp != config.base_fingerprint:
+        raise CdiffError(
+            f"adapter {display_path(path)} was trained on other base weights (fingerprint mismatch): use its own base"
+        )
+    return base_fp
 
 
 def load_adapter(model, path) -> list[str]:
@@ -333,29 +399,10 @@ def load_adapter(model, path) -> list[str]:
     path = resolve(path, "adapter")
     tensors, config = read_adapter(path)
     parsed = _parse(config, path)
-    if to_dict(parsed.base_model) != to_dict(model.config):
-        raise CdiffError(
-            f"adapter {display_path(path)} was made for another model architecture: use the base it was trained on"
-        )
-    current = getattr(model, "_cdiff_lora", None)
-    base_fp = current.base_fingerprint if current is not None else fingerprint(model.state_dict())
-    if base_fp != parsed.base_fingerprint:
-        raise CdiffError(
-            f"adapter {display_path(path)} was trained on other base weights (fingerprint mismatch): use its own base"
-        )
-    if current is not None:
+    base_fp = check_base(model, parsed, path)
+    if getattr(model, "_cdiff_lora", None) is not None:
         unload_lora(model)
-    _inject(
-        model,
-        parsed.injected,
-        parsed.r,
-        parsed.lora_alpha,
-        parsed.lora_dropout,
-        parsed.target_modules,
-        parsed.extra_trainable,
-        base_fp,
-        use_rslora=parsed.use_rslora,
-    )
+    _inject_as(model, parsed, parsed.injected, base_fp, parsed.lora_dropout)
     own = adapter_state_dict(model)
     with torch.no_grad():
         for k, v in tensors.items():
