@@ -37,6 +37,21 @@ ADAPTER = Artefact(
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = ADAPTER.weights, ADAPTER.marker
 
 
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s·ΔW from cdiff's lora_A (in, r) and lora_B (r, out): (out, in), the shape of an nn.Linear weight."""
+    return (lora_A @ lora_B).T * scaling
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's weight m * (W + s·ΔW) / ||W + s·ΔW||, the norm per output row (over the input dim)."""
+    adapted = weight + delta  # (out, in)
+    return (magnitude / adapted.norm(dim=1))[:, None] * adapted
+
+
 class LoRALinear(nn.Module):
     def __init__(
         self,
@@ -66,14 +81,14 @@ class LoRALinear(nn.Module):
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     @property
     def merged(self) -> bool:
         return self._unmerged_weight is not None
 
     def get_delta_weight(self) -> torch.Tensor:
-        return (self.lora_A @ self.lora_B).T * self.scaling  # (out, in), the shape of base_layer.weight
+        return lora_delta(self.lora_A, self.lora_B, self.scaling)
 
     def _dora_factor(self) -> torch.Tensor:
         """m / ||W + s·ΔW||, per output row (out,); the norm is a constant for the gradient, as in PEFT
@@ -87,8 +102,8 @@ class LoRALinear(nn.Module):
         if not self.merged:
             weight = self.base_layer.weight
             self._unmerged_weight = weight.detach().clone()
-            if self.use_dora:  # m * (W + s·ΔW) / ||W + s·ΔW||; the bias is not rescaled
-                weight.copy_(self._dora_factor()[:, None] * (weight + self.get_delta_weight()))
+            if self.use_dora:  # the bias is not rescaled
+                weight.copy_(dora_weight(weight, self.get_delta_weight(), self.lora_magnitude_vector))
             else:
                 weight += self.get_delta_weight()
 
@@ -118,7 +133,7 @@ class LoRALinear(nn.Module):
 
 
 @dataclass
-class _LoraState:
+class LoraState:
     """What inject_lora changed on a model, so that unload_lora can put it back exactly."""
 
     r: int
@@ -132,6 +147,8 @@ class _LoraState:
     saved_class_names: list[str] = field(default_factory=list)
     use_rslora: bool = False
     use_dora: bool = False
+    mix: list[tuple[str, float]] = field(default_factory=list)  # (adapter, weight): cdiff.mixing merged them in
+    saved_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # nn.Linear name -> its base weight
 
 
 def _plan(model, targets, extra_trainable) -> list[str]:
@@ -195,7 +212,7 @@ def _inject(
         saved[extra] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         for p in module.parameters():
             p.requires_grad_(True)
-    model._cdiff_lora = _LoraState(
+    model._cdiff_lora = LoraState(
         r,
         float(alpha),
         float(dropout),
@@ -224,7 +241,7 @@ def unmerge_lora(model) -> None:
         layer.unmerge()
 
 
-def _state(model) -> _LoraState:
+def _state(model) -> LoraState:
     state = getattr(model, "_cdiff_lora", None)
     if state is None:
         raise CdiffError("this model has no LoRA adapter: inject_lora or load_adapter first")
@@ -241,6 +258,9 @@ def unload_lora(model) -> None:
         setattr(parent, name.rpartition(".")[2], layer.base_layer)
     for name, tensors in state.saved_modules.items():
         model.get_submodule(name).load_state_dict(tensors)
+    with torch.no_grad():
+        for name, weight in state.saved_weights.items():
+            model.get_submodule(name).weight.copy_(weight)
     if state.saved_class_names:
         model.prompt.class_names = list(state.saved_class_names)
     for p in model.parameters():
@@ -265,6 +285,8 @@ def merge_and_unload(model) -> None:
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """Only what the adapter owns: lora_A/lora_B of each wrapped layer, plus the extra trainable modules."""
     state = _state(model)
+    if state.mix:
+        raise CdiffError("this model carries a weighted mix of adapters, not one adapter: merge_and_unload it instead")
     out = {}
     for name in state.injected:
         layer = model.get_submodule(name)
@@ -314,6 +336,7 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
     An existing adapter folder at `path` is replaced only with `overwrite=True`; NaN/inf tensors are refused.
     """
     state = _state(model)
+    adapter_state_dict(model)  # refuses a mix before its config is built
     config = AdapterConfig(
         r=state.r,
         lora_alpha=state.lora_alpha,
@@ -331,7 +354,8 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
     save_weights_folder(ADAPTER, path, adapter_state_dict(model), to_dict(config), overwrite=overwrite)
 
 
-def _parse(config: dict, path) -> AdapterConfig:
+def parse_adapter_config(config: dict, path) -> AdapterConfig:
+    """The typed, checked AdapterConfig of the adapter folder at `path`, from its adapter_config.json `config`."""
     where = display_path(Path(path) / ADAPTER_CONFIG)
     fields = {k: v for k, v in config.items() if k not in ("format", "version", "fingerprint")}
     parsed = from_dict(AdapterConfig, fields, f"{where}:")
@@ -343,7 +367,7 @@ def read_adapter_config(path) -> dict:
     """adapter_config.json of an adapter folder (or URI), every field checked (one-line errors naming the field)."""
     path = resolve(path, "adapter")
     config = read_folder_config(ADAPTER, path)
-    _parse(config, path)
+    parse_adapter_config(config, path)
     return config
 
 
@@ -352,7 +376,7 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
     fingerprint and finiteness, and that they fit the base architecture the config names (on the meta device)."""
     path = resolve(path, "adapter")
     config = read_folder_config(ADAPTER, path)
-    parsed = _parse(config, path)
+    parsed = parse_adapter_config(config, path)
     tensors, _ = load_weights_folder(ADAPTER, path, config)
     with on_meta():
         skeleton = UNet(parsed.base_model)
@@ -398,7 +422,7 @@ def load_adapter(model, path) -> list[str]:
     """
     path = resolve(path, "adapter")
     tensors, config = read_adapter(path)
-    parsed = _parse(config, path)
+    parsed = parse_adapter_config(config, path)
     base_fp = check_base(model, parsed, path)
     if getattr(model, "_cdiff_lora", None) is not None:
         unload_lora(model)
