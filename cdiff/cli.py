@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   cdiff merge models/base adapters/digits -o models/base-digits
   cdiff sample models/base --adapter adapters/a:0.7 --adapter adapters/b:0.5 -o mix.png   # a weighted mix
   cdiff merge models/base --adapter adapters/a:0.7 --adapter adapters/b:-0.2 -o models/base-mix
+  cdiff export-peft adapters/digits -o peft/digits   # PEFT's layout; load_adapter reads it back
   cdiff sample models:/cdiff-base@adapters --adapter models:/cdiff-adapter-digits@champion -o champion.png
   cdiff compare                      # every domain of the last `dvc repro`: FID, GAN-test, goals
 
@@ -181,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing model folder at the output path")
+
+    e = sub.add_parser(
+        "export-peft",
+        help="write an adapter in PEFT's layout (adapter_model.safetensors + adapter_config.json)",
+        description="Write a LoRA adapter as a PEFT LoRA folder: tensors named base_model.model.<module>.lora_A.weight "
+        "(r, in) and .lora_B.weight (out, r), and PEFT's adapter_config.json (peft_type LORA). cdiff's own settings "
+        "and base fingerprint travel in the safetensors metadata, so load_adapter (and --adapter) read it back.",
+    )
+    e.add_argument("adapter", type=_source, help="cdiff adapter folder or URI")
+    e.add_argument("-o", "--output", type=_path, required=True, help="output folder (new, or see --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing PEFT adapter folder at the output")
 
     t = sub.add_parser(
         "train",
@@ -347,6 +359,19 @@ def cmd_merge(args) -> None:
     _say(f"wrote {args.output} (fingerprint {fp[:12]})")
 
 
+def cmd_export_peft(args) -> None:
+    from cdiff.io import check_output
+    from cdiff.peft_format import PEFT_ADAPTER, export_peft
+    from cdiff.sources import resolve
+
+    given = [] if is_uri(args.adapter) else [args.adapter]
+    check_output(args.output, PEFT_ADAPTER, overwrite=args.overwrite, inputs=given)  # before any download
+    adapter_dir = resolve(args.adapter, "adapter")
+    check_output(args.output, PEFT_ADAPTER, overwrite=args.overwrite, inputs=[adapter_dir])
+    export_peft(adapter_dir, args.output, overwrite=args.overwrite)
+    _say(f"wrote {args.output} (PEFT LoRA adapter)")
+
+
 def cmd_train(args) -> None:
     import torch
 
@@ -377,7 +402,14 @@ def cmd_train(args) -> None:
     _say(f"wrote {args.output} (final loss {state.losses[-1][1]:.4f} after {state.step} steps)")
 
 
-COMMANDS = {"sample": cmd_sample, "info": cmd_info, "merge": cmd_merge, "train": cmd_train, "compare": cmd_compare}
+COMMANDS = {
+    "sample": cmd_sample,
+    "info": cmd_info,
+    "merge": cmd_merge,
+    "export-peft": cmd_export_peft,
+    "train": cmd_train,
+    "compare": cmd_compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

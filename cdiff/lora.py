@@ -364,20 +364,30 @@ def parse_adapter_config(config: dict, path) -> AdapterConfig:
 
 
 def read_adapter_config(path) -> dict:
-    """adapter_config.json of an adapter folder (or URI), every field checked (one-line errors naming the field)."""
+    """adapter_config.json of an adapter folder (or URI), every field checked (one-line errors naming the field);
+    of a PEFT folder that `cdiff export-peft` wrote, the cdiff config it keeps."""
+    from cdiff.peft_format import is_peft_folder, read_peft_folder
+
     path = resolve(path, "adapter")
-    config = read_folder_config(ADAPTER, path)
+    config = read_peft_folder(path)[1] if is_peft_folder(path) else read_folder_config(ADAPTER, path)
     parse_adapter_config(config, path)
     return config
 
 
 def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config) of an adapter folder, checked without a model: the config's fields, the tensors'
-    fingerprint and finiteness, and that they fit the base architecture the config names (on the meta device)."""
+    fingerprint and finiteness, and that they fit the base architecture the config names (on the meta device).
+    A PEFT folder that `cdiff export-peft` wrote reads as the adapter it came from (cdiff.peft_format)."""
+    from cdiff.peft_format import is_peft_folder, read_peft_folder
+
     path = resolve(path, "adapter")
-    config = read_folder_config(ADAPTER, path)
-    parsed = parse_adapter_config(config, path)
-    tensors, _ = load_weights_folder(ADAPTER, path, config)
+    if is_peft_folder(path):
+        tensors, config = read_peft_folder(path)
+        parsed = parse_adapter_config(config, path)
+    else:
+        config = read_folder_config(ADAPTER, path)
+        parsed = parse_adapter_config(config, path)
+        tensors, _ = load_weights_folder(ADAPTER, path, config)
     with on_meta():
         skeleton = UNet(parsed.base_model)
         try:

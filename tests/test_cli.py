@@ -25,7 +25,7 @@ def model_dir(tiny_model, tmp_path):
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "cdiff", "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("sample", "info", "merge", "train", "examples:"):
+    for word in ("sample", "info", "merge", "export-peft", "train", "examples:"):
         assert word in out
     out = subprocess.run(
         [sys.executable, "-m", "cdiff", "sample", "--help"], capture_output=True, text=True, check=True
