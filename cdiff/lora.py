@@ -321,10 +321,14 @@ class AdapterConfig:
     use_rslora: bool = False  # absent (adapters saved before it existed): plain alpha / r
     use_dora: bool = False  # absent: plain LoRA; with it, adapter.safetensors holds each layer's magnitude
 
+    @property
+    def lora(self) -> LoraConfig:
+        """These settings in params.yaml's words (alpha, targets, dropout): the one place the file's PEFT
+        vocabulary (lora_alpha, target_modules, lora_dropout) and the params' meet."""
+        return LoraConfig(self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable)
+
     def validate(self, key: str) -> None:
-        LoraConfig(self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable).validate(
-            f"{key}: lora"
-        )
+        self.lora.validate(f"{key}: lora")
         self.base_model.validate(f"{key}: base_model")
         if self.class_names:
             check_class_names(self.class_names, f"{key}: class_names", limit=self.base_model.num_classes)
@@ -363,15 +367,14 @@ def parse_adapter_config(config: dict, path) -> AdapterConfig:
     return parsed
 
 
-def read_adapter_config(path) -> dict:
-    """adapter_config.json of an adapter folder (or URI), every field checked (one-line errors naming the field);
-    of a PEFT folder that `cdiff export-peft` wrote, the cdiff config it keeps."""
+def read_adapter_config(path) -> AdapterConfig:
+    """The typed adapter_config.json of an adapter folder (or URI), every field checked (one-line errors naming
+    the field); of a PEFT folder that `cdiff export-peft` wrote, the cdiff config it keeps."""
     from cdiff.peft_format import is_peft_folder, read_peft_folder
 
     path = resolve(path, "adapter")
     config = read_peft_folder(path)[1] if is_peft_folder(path) else read_folder_config(ADAPTER, path)
-    parse_adapter_config(config, path)
-    return config
+    return parse_adapter_config(config, path)
 
 
 def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -404,7 +407,8 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _inject_as(model, config: AdapterConfig, names: list[str], base_fp: str, dropout: float) -> None:
     """Wrap `names` as the adapter `config` describes."""
-    settings = (config.r, config.lora_alpha, dropout, config.target_modules, config.extra_trainable)
+    lora = config.lora
+    settings = (lora.r, lora.alpha, dropout, lora.targets, lora.extra_trainable)
     _inject(model, names, *settings, base_fp, use_rslora=config.use_rslora, use_dora=config.use_dora)
 
 
