@@ -120,6 +120,8 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["w_q", "w_k", "w_v"])
     extra_trainable: list[str] = field(default_factory=list)  # e.g. ["prompt"]: saved with the adapter
+    use_rslora: bool = False  # scale by alpha / sqrt(r), not alpha / r (rank-stabilised LoRA; PEFT's name)
+    use_dora: bool = False  # DoRA: a trained magnitude per output row times the direction (PEFT's name)
 
     def validate(self, key: str) -> None:
         _check(self.r >= 1, f"{key}.r", "LoRA rank must be at least 1")

@@ -325,7 +325,8 @@ class AdapterConfig:
     def lora(self) -> LoraConfig:
         """These settings in params.yaml's words (alpha, targets, dropout): the one place the file's PEFT
         vocabulary (lora_alpha, target_modules, lora_dropout) and the params' meet."""
-        return LoraConfig(self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable)
+        settings = (self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable)
+        return LoraConfig(*settings, use_rslora=self.use_rslora, use_dora=self.use_dora)
 
     def validate(self, key: str) -> None:
         self.lora.validate(f"{key}: lora")

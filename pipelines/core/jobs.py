@@ -67,7 +67,8 @@ def build_model(job: TrainJob) -> UNet:
         model.prompt.class_names = list(job.data.class_names)
     if job.lora is not None:
         lora = job.lora
-        inject_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.extra_trainable)
+        settings = (lora.targets, lora.r, lora.alpha, lora.dropout, lora.extra_trainable)
+        inject_lora(model, *settings, use_rslora=lora.use_rslora, use_dora=lora.use_dora)
     return model
 
 
