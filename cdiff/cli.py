@@ -25,6 +25,7 @@ EXAMPLES = """examples:
   cdiff sample models/base --adapter adapters/a:0.7 --adapter adapters/b:0.5 -o mix.png   # a weighted mix
   cdiff merge models/base --adapter adapters/a:0.7 --adapter adapters/b:-0.2 -o models/base-mix
   cdiff export-peft adapters/digits -o peft/digits   # PEFT's layout; load_adapter reads it back
+  cdiff serve models/base --adapter digits=adapters/digits --adapter rot=adapters/fashion-rot90 --port 8000
   cdiff sample models:/cdiff-base@adapters --adapter models:/cdiff-adapter-digits@champion -o champion.png
   cdiff compare                      # every domain of the last `dvc repro`: FID, GAN-test, goals
 
@@ -66,6 +67,14 @@ def _path(text: str) -> Path:
 def _source(text: str) -> str | Path:
     """A model or adapter: a URI (models:/..., kept as text for its resolver) or a folder path."""
     return text if is_uri(text) else _path(text)
+
+
+def _named_source(text: str) -> tuple[str, str | Path]:
+    """NAME=ADAPTER: the name requests use, and the adapter's folder or URI."""
+    name, sep, source = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or not source:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=ADAPTER (a name of letters, digits, '.', '-', '_')")
+    return name, _source(source)
 
 
 _WEIGHT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
@@ -212,6 +221,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_seed, default=0, help="random seed (also of the train/test split)")
     t.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model folder at the output path")
+    v = sub.add_parser(
+        "serve",
+        help="serve a base and all its adapters over HTTP on loopback: any adapter, or a mix, per request",
+        description="Load the base once and answer POST /sample {adapter, class, n, seed} with n PNGs in base64, the "
+        "adapter named per request (a name, a {name: weight} mix, or null for the base): each adapter or mix is "
+        "merged into a copy of the base once and kept in an LRU cache; the base is never reloaded. See cdiff.serve.",
+    )
+    v.add_argument("model", type=_source, help="base model folder or URI")
+    v.add_argument(
+        "--adapter",
+        dest="adapters",
+        type=_named_source,
+        action="append",
+        required=True,
+        metavar="NAME=ADAPTER",
+        help="an adapter folder or URI under the name requests use; repeat for each",
+    )
+    v.add_argument("--sampler", choices=list(KINDS), default="dpm++2m", help="the sampler (default dpm++2m)")
+    v.add_argument("--steps", type=_positive_int, default=20, help="DDIM/DPM++ steps (default 20)")
+    v.add_argument("--guidance", type=_bounded(float, 0, 100), default=2.0, help="guidance scale (default 2)")
+    v.add_argument("--cache", type=_bounded(int, 1, 1024), default=16, help="merged models kept (default 16)")
+    v.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_bounded(int, 1, 65535), default=8000, help="port (default 8000)")
+
     c = sub.add_parser(
         "compare",
         help="compare every domain's adapter with its base, full fine-tune and floor (from reports/summary.json)",
@@ -411,8 +444,30 @@ def cmd_train(args) -> None:
     _say(f"wrote {args.output} (final loss {state.losses[-1][1]:.4f} after {state.step} steps)")
 
 
+def cmd_serve(args) -> None:
+    from cdiff.samplers import Sampler
+    from cdiff.serve import AdapterServer, http_server
+    from cdiff.sources import resolve
+
+    names = [name for name, _ in args.adapters]
+    if len(set(names)) != len(names):
+        raise CdiffError(f"an adapter name is given twice: {', '.join(sorted(n for n in names if names.count(n) > 1))}")
+    sampler = Sampler.of(args.sampler, args.steps, 0.0, args.guidance)
+    server = AdapterServer(resolve(args.model, "model"), dict(args.adapters), sampler, args.cache)
+    try:
+        httpd = http_server(server, args.host, args.port)
+    except OSError as e:
+        raise CdiffError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from e
+    _say(f"serving {len(names)} adapters ({', '.join(names)}) on http://{args.host}:{args.port} ({sampler})")
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+
+
 COMMANDS = {
     "sample": cmd_sample,
+    "serve": cmd_serve,
     "info": cmd_info,
     "merge": cmd_merge,
     "export-peft": cmd_export_peft,
