@@ -451,7 +451,9 @@ def cmd_serve(args) -> None:
 
     names = [name for name, _ in args.adapters]
     if len(set(names)) != len(names):
-        raise CdiffError(f"an adapter name is given twice: {', '.join(sorted(n for n in names if names.count(n) > 1))}")
+        raise CdiffError(
+            f"an adapter name is given twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}"
+        )
     sampler = Sampler.of(args.sampler, args.steps, 0.0, args.guidance)
     server = AdapterServer(resolve(args.model, "model"), dict(args.adapters), sampler, args.cache)
     try:

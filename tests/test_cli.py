@@ -25,7 +25,7 @@ def model_dir(tiny_model, tmp_path):
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "cdiff", "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("sample", "info", "merge", "export-peft", "train", "examples:"):
+    for word in ("sample", "info", "merge", "export-peft", "serve", "train", "examples:"):
         assert word in out
     out = subprocess.run(
         [sys.executable, "-m", "cdiff", "sample", "--help"], capture_output=True, text=True, check=True
@@ -414,3 +414,13 @@ def test_sample_refuses_a_mix_with_an_adapter_of_another_base(mix_dir, capsys):
     ]
     assert main([*args, "-o", str(mix_dir / "g.png")]) == 2
     assert "trained on other base weights (fingerprint mismatch)" in _one_error_line(capsys)
+
+
+def test_serve_refuses_bad_names_and_a_name_twice_in_one_line(model_dir, capsys):
+    model = str(model_dir / "model")
+    assert main(["serve", model, "--adapter", "bad name=x"]) == 2
+    assert "is not NAME=ADAPTER" in capsys.readouterr().err
+    adapter = str(model_dir / "adapter")
+    assert main(["serve", model, "--adapter", f"a={adapter}", "--adapter", f"a={adapter}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cdiff: error: an adapter name is given twice: a"
