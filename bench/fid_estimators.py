@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("bench/results/fid-estimators.json"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     sample_a, sample_b, true = gaussians(g)
     plan = {300: 60, 1000: 40, 10_000: 12} if not args.quick else {300: 15, 1000: 8, 10_000: 3}

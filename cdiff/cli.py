@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import sys
 import threading
 from pathlib import Path
@@ -21,6 +22,10 @@ EXAMPLES = """examples:
   cdiff sample models/base --adapter adapters/digits --sampler ddim --steps 50 --guidance 2 -o digits.png
   cdiff info adapters/digits
   cdiff merge models/base adapters/digits -o models/base-digits
+  cdiff sample models/base --adapter adapters/a:0.7 --adapter adapters/b:0.5 -o mix.png   # a weighted mix
+  cdiff merge models/base --adapter adapters/a:0.7 --adapter adapters/b:-0.2 -o models/base-mix
+  cdiff export-peft adapters/digits -o peft/digits   # PEFT's layout; load_adapter reads it back
+  cdiff serve models/base --adapter digits=adapters/digits --adapter rot=adapters/fashion-rot90 --port 8000
   cdiff sample models:/cdiff-base@adapters --adapter models:/cdiff-adapter-digits@champion -o champion.png
   cdiff compare                      # every domain of the last `dvc repro`: FID, GAN-test, goals
 
@@ -64,6 +69,30 @@ def _source(text: str) -> str | Path:
     return text if is_uri(text) else _path(text)
 
 
+def _named_source(text: str) -> tuple[str, str | Path]:
+    """NAME=ADAPTER: the name requests use, and the adapter's folder or URI."""
+    name, sep, source = text.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or not source:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=ADAPTER (a name of letters, digits, '.', '-', '_')")
+    return name, _source(source)
+
+
+_WEIGHT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+
+
+def _weighted_source(text: str) -> tuple[str | Path, float]:
+    """An adapter with its mix weight: DIR:WEIGHT (any finite number) or DIR alone (weight 1). Only a number
+    after the last ':' is a weight, so `models:/name@alias` or `a:b` stay whole; for a folder named `x:2`,
+    write `x:2:1`."""
+    head, colon, tail = text.rpartition(":")
+    if not colon or not head or not _WEIGHT.fullmatch(tail):
+        return _source(text), 1.0
+    weight = float(tail)
+    if not math.isfinite(weight):
+        raise argparse.ArgumentTypeError(f"the weight of {head!r} must be a finite number, got {tail}")
+    return _source(head), weight
+
+
 _positive_int = _bounded(int, 1, 10**9)
 _seed = _bounded(int, 0, 2**32 - 1)
 
@@ -96,7 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="model folder (config.json + model.safetensors) or model URI; an adapter's URI alone brings its base",
     )
     s.add_argument(
-        "--adapter", type=_source, help="LoRA adapter folder or URI to apply (merged for zero-overhead sampling)"
+        "--adapter",
+        dest="adapters",
+        type=_weighted_source,
+        action="append",
+        metavar="ADAPTER[:WEIGHT]",
+        help="LoRA adapter folder or URI to apply (merged for zero-overhead sampling); repeat with :WEIGHT "
+        "(any finite number, default 1) to apply the weighted sum of several adapters' deltas",
     )
     s.add_argument(
         "--class",
@@ -138,13 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser(
         "merge",
-        help="fold an adapter into its base and write a standalone model",
-        description="Merge a LoRA adapter into its base model and write the result as a new model folder.",
+        help="fold an adapter (or a weighted mix of adapters) into its base and write a standalone model",
+        description="Merge a LoRA adapter, or the weighted sum of several adapters' deltas, into their base model "
+        "and write the result as a new model folder.",
     )
     m.add_argument("model", type=_source, help="base model folder or URI")
-    m.add_argument("adapter", type=_source, help="adapter folder or URI, trained on that base")
+    m.add_argument(
+        "adapter", type=_weighted_source, nargs="?", help="adapter folder or URI, trained on that base (or --adapter)"
+    )
+    m.add_argument(
+        "--adapter",
+        dest="adapters",
+        type=_weighted_source,
+        action="append",
+        metavar="ADAPTER[:WEIGHT]",
+        help="an adapter of a weighted mix, with its weight (any finite number, default 1); repeat for several",
+    )
     m.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing model folder at the output path")
+
+    e = sub.add_parser(
+        "export-peft",
+        help="write an adapter in PEFT's layout (adapter_model.safetensors + adapter_config.json)",
+        description="Write a LoRA adapter as a PEFT LoRA folder: tensors named base_model.model.<module>.lora_A.weight "
+        "(r, in) and .lora_B.weight (out, r), and PEFT's adapter_config.json (peft_type LORA). cdiff's own settings "
+        "and base fingerprint travel in the safetensors metadata, so load_adapter (and --adapter) read it back.",
+    )
+    e.add_argument("adapter", type=_source, help="cdiff adapter folder or URI")
+    e.add_argument("-o", "--output", type=_path, required=True, help="output folder (new, or see --overwrite)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing PEFT adapter folder at the output")
 
     t = sub.add_parser(
         "train",
@@ -164,6 +221,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_seed, default=0, help="random seed (also of the train/test split)")
     t.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")
     t.add_argument("--overwrite", action="store_true", help="replace an existing model folder at the output path")
+    v = sub.add_parser(
+        "serve",
+        help="serve a base and all its adapters over HTTP on loopback: any adapter, or a mix, per request",
+        description="Load the base once and answer POST /sample {adapter, class, n, seed} with n PNGs in base64, the "
+        "adapter named per request (a name, a {name: weight} mix, or null for the base): each adapter or mix is "
+        "merged into a copy of the base once and kept in an LRU cache; the base is never reloaded. See cdiff.serve.",
+    )
+    v.add_argument("model", type=_source, help="base model folder or URI")
+    v.add_argument(
+        "--adapter",
+        dest="adapters",
+        type=_named_source,
+        action="append",
+        required=True,
+        metavar="NAME=ADAPTER",
+        help="an adapter folder or URI under the name requests use; repeat for each",
+    )
+    v.add_argument("--sampler", choices=list(KINDS), default="dpm++2m", help="the sampler (default dpm++2m)")
+    v.add_argument("--steps", type=_positive_int, default=20, help="DDIM/DPM++ steps (default 20)")
+    v.add_argument("--guidance", type=_bounded(float, 0, 100), default=2.0, help="guidance scale (default 2)")
+    v.add_argument("--cache", type=_bounded(int, 1, 1024), default=16, help="merged models kept (default 16)")
+    v.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_bounded(int, 1, 65535), default=8000, help="port (default 8000)")
+
     c = sub.add_parser(
         "compare",
         help="compare every domain's adapter with its base, full fine-tune and floor (from reports/summary.json)",
@@ -197,6 +278,7 @@ def cmd_compare(args) -> None:
             if d.evaluation.adapter_vs_base_fid
             else None,
             "kid_adapter": of(d.evaluation.adapter, "kid"),
+            "cas_adapter": of(d.evaluation.adapter, "cas"),
             "fid_full": d.full.score.fid if d.full else None,
             "fid_full_95": d.full.score.fid_interval if d.full else None,
             "gan_test": of(d.evaluation.adapter, "gan_test"),
@@ -235,40 +317,56 @@ def _say(text: str) -> None:
     print(text.encode(encoding, "backslashreplace").decode(encoding))
 
 
+def _apply(model, adapters: list[Path], weights: list[float]) -> None:
+    """Merge the adapters into the model: one at weight 1 as `load_adapter` does (the same pixels as serving),
+    else their weighted mix (cdiff.mixing)."""
+    from cdiff.lora import load_adapter, merge_lora
+    from cdiff.mixing import load_adapters
+
+    if weights == [1.0]:
+        load_adapter(model, adapters[0])
+        merge_lora(model)
+    elif adapters:
+        load_adapters(model, list(zip(adapters, weights, strict=True)))
+
+
 def cmd_sample(args) -> None:
     from cdiff.checkpoint import load_model
     from cdiff.grid import sample_grid
     from cdiff.io import PNG
-    from cdiff.lora import load_adapter, merge_lora
     from cdiff.samplers import Sampler
 
     sampler = Sampler.of(args.sampler, args.steps, args.eta, args.guidance)
-    model_dir, adapter_dir = _resolved(args.output, PNG, args.model, args.adapter)  # before minutes of sampling
+    sources, weights = _mix(args.adapters)
+    model_dir, adapter_dirs = _resolved(args.output, PNG, args.model, sources)  # before minutes of sampling
     model, schedule, _ = load_model(model_dir, args.device)
-    if adapter_dir is not None:
-        load_adapter(model, adapter_dir)
-        merge_lora(model)
+    _apply(model, adapter_dirs, weights or [1.0] * len(adapter_dirs))
     ids = model.prompt.class_ids(args.classes) if args.classes else list(range(len(model.class_names)))
     sample_grid(args.output, model, schedule, sampler, ids, args.n, seed=args.seed, device=args.device)
     _say(f"wrote {args.output} ({len(ids) * args.n} images, {sampler})")
 
 
-def _resolved(output, artefact, model, adapter, *, overwrite=False) -> tuple[Path, Path | None]:
-    """The local folders of a model and an adapter (URIs resolved: downloaded, for MLflow's), with the output
+def _mix(adapters) -> tuple[list, list[float]]:
+    """(sources, weights) of the repeated ADAPTER[:WEIGHT] arguments."""
+    return [source for source, _ in adapters or []], [weight for _, weight in adapters or []]
+
+
+def _resolved(output, artefact, model, adapters, *, overwrite=False) -> tuple[Path, list[Path]]:
+    """The local folders of a model and its adapters (URIs resolved: downloaded, for MLflow's), with the output
     path checked before any download and again after: never onto, into or above an input or a downloaded folder."""
     from cdiff.io import check_output
     from cdiff.lora import ADAPTER_CONFIG
     from cdiff.sources import resolve
 
-    check_output(output, artefact, overwrite=overwrite, inputs=[s for s in (model, adapter) if not is_uri(s)])
-    held = resolve(model) if adapter is None and is_uri(model) else None  # kind None: the adapter, if it is one
+    check_output(output, artefact, overwrite=overwrite, inputs=[s for s in (model, *adapters) if not is_uri(s)])
+    held = resolve(model) if not adapters and is_uri(model) else None  # kind None: the adapter, if it is one
     if held is not None and (held / ADAPTER_CONFIG).is_file():
-        model_dir, adapter_dir = resolve(model, "base"), held  # an adapter with its base
+        model_dir, adapter_dirs = resolve(model, "base"), [held]  # an adapter with its base
     else:
         model_dir = resolve(model, "model")
-        adapter_dir = resolve(adapter, "adapter") if adapter is not None else None
-    check_output(output, artefact, overwrite=overwrite, inputs=[model_dir, adapter_dir])
-    return model_dir, adapter_dir
+        adapter_dirs = [resolve(adapter, "adapter") for adapter in adapters]
+    check_output(output, artefact, overwrite=overwrite, inputs=[model_dir, *adapter_dirs])
+    return model_dir, adapter_dirs
 
 
 def cmd_info(args) -> None:
@@ -279,20 +377,41 @@ def cmd_info(args) -> None:
 
 def cmd_merge(args) -> None:
     from cdiff.checkpoint import MODEL, load_model, save_model
-    from cdiff.lora import load_adapter, merge_and_unload
+    from cdiff.lora import merge_and_unload
 
-    model_dir, adapter_dir = _resolved(args.output, MODEL, args.model, args.adapter, overwrite=args.overwrite)
+    sources, weights = _mix(([args.adapter] if args.adapter else []) + (args.adapters or []))
+    if not sources:
+        raise CdiffError("cdiff merge needs an adapter: give ADAPTER, or --adapter ADAPTER[:WEIGHT] for each of a mix")
+    model_dir, adapter_dirs = _resolved(args.output, MODEL, args.model, sources, overwrite=args.overwrite)
     model, schedule, config = load_model(model_dir)
-    load_adapter(model, adapter_dir)
+    _apply(model, adapter_dirs, weights)
     merge_and_unload(model)
+    merged_from = (
+        {"adapter": str(sources[0])}
+        if weights == [1.0]
+        else {"adapters": [{"adapter": str(s), "weight": w} for s, w in zip(sources, weights, strict=True)]}
+    )
     fp = save_model(
         model,
         schedule.config,
         args.output,
-        extra={"merged_from": {"base": config.fingerprint, "adapter": str(args.adapter)}},
+        extra={"merged_from": {"base": config.fingerprint, **merged_from}},
         overwrite=args.overwrite,
     )
     _say(f"wrote {args.output} (fingerprint {fp[:12]})")
+
+
+def cmd_export_peft(args) -> None:
+    from cdiff.io import check_output
+    from cdiff.peft_format import PEFT_ADAPTER, export_peft
+    from cdiff.sources import resolve
+
+    given = [] if is_uri(args.adapter) else [args.adapter]
+    check_output(args.output, PEFT_ADAPTER, overwrite=args.overwrite, inputs=given)  # before any download
+    adapter_dir = resolve(args.adapter, "adapter")
+    check_output(args.output, PEFT_ADAPTER, overwrite=args.overwrite, inputs=[adapter_dir])
+    export_peft(adapter_dir, args.output, overwrite=args.overwrite)
+    _say(f"wrote {args.output} (PEFT LoRA adapter)")
 
 
 def cmd_train(args) -> None:
@@ -325,7 +444,38 @@ def cmd_train(args) -> None:
     _say(f"wrote {args.output} (final loss {state.losses[-1][1]:.4f} after {state.step} steps)")
 
 
-COMMANDS = {"sample": cmd_sample, "info": cmd_info, "merge": cmd_merge, "train": cmd_train, "compare": cmd_compare}
+def cmd_serve(args) -> None:
+    from cdiff.samplers import Sampler
+    from cdiff.serve import AdapterServer, http_server
+    from cdiff.sources import resolve
+
+    names = [name for name, _ in args.adapters]
+    if len(set(names)) != len(names):
+        raise CdiffError(
+            f"an adapter name is given twice: {', '.join(sorted({n for n in names if names.count(n) > 1}))}"
+        )
+    sampler = Sampler.of(args.sampler, args.steps, 0.0, args.guidance)
+    server = AdapterServer(resolve(args.model, "model"), dict(args.adapters), sampler, args.cache)
+    try:
+        httpd = http_server(server, args.host, args.port)
+    except OSError as e:
+        raise CdiffError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from e
+    _say(f"serving {len(names)} adapters ({', '.join(names)}) on http://{args.host}:{args.port} ({sampler})")
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+
+
+COMMANDS = {
+    "sample": cmd_sample,
+    "serve": cmd_serve,
+    "info": cmd_info,
+    "merge": cmd_merge,
+    "export-peft": cmd_export_peft,
+    "train": cmd_train,
+    "compare": cmd_compare,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

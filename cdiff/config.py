@@ -92,6 +92,8 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: on a CPU without native bf16 it is far slower)
     channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the model (falls back to eager if compiling fails); GPUs, long runs
+    sample_every: int = 0  # the pipeline logs a seeded sample grid every this many steps (a multiple of
+    # checkpoint_every; 0: none): MLflow's image slider shows the model learning
 
     def validate(self, key: str) -> None:
         for name in ("steps", "checkpoint_every", "log_every"):
@@ -103,6 +105,12 @@ class TrainConfig:
         _check(0 <= self.grad_clip <= 1e6, f"{key}.grad_clip", "must be in [0, 1e6] (0 turns clipping off)")
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", "must be in [0, 1)")
         _check(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {', '.join(PRECISIONS)}")
+        _range(self.sample_every, 0, 10**8, f"{key}.sample_every")
+        _check(
+            self.sample_every % self.checkpoint_every == 0,
+            f"{key}.sample_every",
+            f"must be a multiple of checkpoint_every ({self.checkpoint_every}): grids are drawn at checkpoints",
+        )
 
 
 @dataclass
@@ -112,6 +120,8 @@ class LoraConfig:
     dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["w_q", "w_k", "w_v"])
     extra_trainable: list[str] = field(default_factory=list)  # e.g. ["prompt"]: saved with the adapter
+    use_rslora: bool = False  # scale by alpha / sqrt(r), not alpha / r (rank-stabilised LoRA; PEFT's name)
+    use_dora: bool = False  # DoRA: a trained magnitude per output row times the direction (PEFT's name)
 
     def validate(self, key: str) -> None:
         _check(self.r >= 1, f"{key}.r", "LoRA rank must be at least 1")

@@ -36,10 +36,11 @@ class Artefact:
     name: str  # for messages: "PNG image", "model folder"
     folder: bool = False
     magic: bytes = b""  # an existing file of this kind starts with these bytes (after whitespace)
-    marker: str = ""  # a folder of this kind holds this JSON file, whose "format" is `format`
+    marker: str = ""  # a folder of this kind holds this JSON file, whose `format_key` is `format`
     format: str = ""
     weights: str = ""  # weights folders (cdiff.weights): the safetensors file beside the marker
     version: int = 1
+    format_key: str = "format"  # another tool's folder says what it is under its own key (PEFT: peft_type)
 
 
 FILE = Artefact("file")
@@ -91,7 +92,7 @@ def _holds(path: Path, artefact: Artefact) -> bool:
         found = json.loads(marker.read_bytes())
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(found, dict) and found.get("format") == artefact.format
+    return isinstance(found, dict) and found.get(artefact.format_key) == artefact.format
 
 
 def check_output(path, artefact: Artefact = FILE, *, overwrite: bool = False, inputs: Iterable = ()) -> Path:
@@ -423,14 +424,21 @@ def read_json(path, what: str) -> dict:
     if not path.is_file():
         raise CdiffError(f"{what} not found: {display_path(path)}")
     try:
-        obj = json.loads(path.read_bytes(), parse_constant=_no_constant, parse_float=_finite_float)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        reason = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
-        raise CdiffError(f"{what} {display_path(path)} is not valid JSON ({reason}): the file is corrupt") from e
+        text = path.read_bytes()
     except OSError as e:
         raise CdiffError(f"cannot read {what} {display_path(path)} ({e.strerror})") from e
+    return parse_json(text, f"{what} {display_path(path)}")
+
+
+def parse_json(text: str | bytes, what: str) -> dict:
+    """A JSON object from text, checked as `read_json` checks a file; `what` names it in messages."""
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else e.__class__.__name__
+        raise CdiffError(f"{what} is not valid JSON ({reason}): the file is corrupt") from e
     if not isinstance(obj, dict):
-        raise CdiffError(f"{what} {display_path(path)} must hold a JSON object")
+        raise CdiffError(f"{what} must hold a JSON object")
     return obj
 
 
@@ -454,8 +462,10 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise CdiffError(f"{what}: tensor {name} holds NaN or infinite values: the weights are broken")
 
 
-def load_safetensors(path, what: str) -> dict[str, torch.Tensor]:
-    """Load tensors only: safetensors never runs code, and a pickle or junk file is refused in one line."""
+def load_safetensors(path, what: str, *, metadata: bool = False):
+    """Load tensors only: safetensors never runs code, and a pickle or junk file is refused in one line.
+
+    With `metadata`: (tensors, the file's string metadata, {} if it has none)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -463,7 +473,12 @@ def load_safetensors(path, what: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CdiffError(f"{what} not found: {display_path(path)}")
     try:
-        return load(path.read_bytes())  # bytes, not a path: safetensors refuses paths that are not UTF-8
+        data = path.read_bytes()  # bytes, not a path: safetensors refuses paths that are not UTF-8
+        tensors = load(data)
+        if not metadata:
+            return tensors
+        header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])  # as load() just read it
+        return tensors, header.get("__metadata__") or {}
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         reason = (str(e).splitlines() or [e.__class__.__name__])[0][:200]
         raise CdiffError(f"{what} {display_path(path)} is not a valid safetensors file ({reason})") from e

@@ -1,6 +1,7 @@
 """LoRA: low-rank adapters that wrap a frozen nn.Linear, as PEFT does.
 
-y = base_layer(x) + dropout(x) @ lora_A @ lora_B * (lora_alpha / r)
+y = base_layer(x) + dropout(x) @ lora_A @ lora_B * scaling,  scaling = lora_alpha / r
+(or lora_alpha / sqrt(r) with `use_rslora`, rank-stabilised LoRA: Kalajdzievski 2023, PEFT's option)
 
 An adapter folder is adapter.safetensors (adapter tensors only) + adapter_config.json (settings, the
 base it belongs to, and fingerprints of both). `load_adapter` checks all of it before it touches the
@@ -36,13 +37,36 @@ ADAPTER = Artefact(
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = ADAPTER.weights, ADAPTER.marker
 
 
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """s·ΔW from cdiff's lora_A (in, r) and lora_B (r, out): (out, in), the shape of an nn.Linear weight."""
+    return (lora_A @ lora_B).T * scaling
+
+
+def dora_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's weight m * (W + s·ΔW) / ||W + s·ΔW||, the norm per output row (over the input dim)."""
+    adapted = weight + delta  # (out, in)
+    return (magnitude / adapted.norm(dim=1))[:, None] * adapted
+
+
 class LoRALinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, r: int, lora_alpha: float, lora_dropout: float = 0.0):
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        use_dora: bool = False,
+    ):
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank r must be a positive integer, got {r}")
         self.base_layer = base_layer
-        self.r, self.lora_alpha = r, lora_alpha
+        self.r, self.lora_alpha, self.use_rslora, self.use_dora = r, lora_alpha, use_rslora, use_dora
         like = dict(device=base_layer.weight.device, dtype=base_layer.weight.dtype)
         a = torch.empty(r, base_layer.in_features, **like)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear(in, r) would be initialised
@@ -50,26 +74,38 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(
             torch.zeros(r, base_layer.out_features, **like)
         )  # (r, out): a fresh adapter is a no-op
+        if use_dora:  # m = ||W|| per output row: with B = 0, m / ||W + s·ΔW|| is exactly 1
+            self.lora_magnitude_vector = nn.Parameter(base_layer.weight.detach().norm(dim=1))  # (out,)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self._unmerged_weight: torch.Tensor | None = None
 
     @property
     def scaling(self) -> float:
-        return self.lora_alpha / self.r
+        return lora_scaling(self.r, self.lora_alpha, self.use_rslora)
 
     @property
     def merged(self) -> bool:
         return self._unmerged_weight is not None
 
     def get_delta_weight(self) -> torch.Tensor:
-        return (self.lora_A @ self.lora_B).T * self.scaling  # (out, in), the shape of base_layer.weight
+        return lora_delta(self.lora_A, self.lora_B, self.scaling)
+
+    def _dora_factor(self) -> torch.Tensor:
+        """m / ||W + s·ΔW||, per output row (out,); the norm is a constant for the gradient, as in PEFT
+        (DoRA paper, section 4.3)."""
+        weight = self.base_layer.weight + self.get_delta_weight()  # (out, in)
+        return self.lora_magnitude_vector / weight.norm(dim=1).detach()
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the adapter into the base weight: zero overhead at inference."""
         if not self.merged:
-            self._unmerged_weight = self.base_layer.weight.detach().clone()
-            self.base_layer.weight += self.get_delta_weight()
+            weight = self.base_layer.weight
+            self._unmerged_weight = weight.detach().clone()
+            if self.use_dora:  # the bias is not rescaled
+                weight.copy_(dora_weight(weight, self.get_delta_weight(), self.lora_magnitude_vector))
+            else:
+                weight += self.get_delta_weight()
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -82,14 +118,22 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.merged:
             return out
-        return out + (self.lora_dropout(x) @ self.lora_A @ self.lora_B) * self.scaling
+        x = self.lora_dropout(x)
+        lora = (x @ self.lora_A @ self.lora_B) * self.scaling
+        if not self.use_dora:
+            return out + lora
+        # (m/n) (W x + s·ΔW x) + b, written as PEFT does: the base output plus (m/n - 1) W x, which is
+        # exactly 0 for a fresh adapter
+        factor = self._dora_factor()
+        return out + (factor - 1) * nn.functional.linear(x, self.base_layer.weight) + factor * lora
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, lora_alpha={self.lora_alpha}"
+        options = [name for name in ("use_rslora", "use_dora") if getattr(self, name)]
+        return ", ".join([f"r={self.r}", f"lora_alpha={self.lora_alpha}", *(f"{o}=True" for o in options)])
 
 
 @dataclass
-class _LoraState:
+class LoraState:
     """What inject_lora changed on a model, so that unload_lora can put it back exactly."""
 
     r: int
@@ -101,6 +145,10 @@ class _LoraState:
     base_fingerprint: str
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     saved_class_names: list[str] = field(default_factory=list)
+    use_rslora: bool = False
+    use_dora: bool = False
+    mix: list[tuple[str, float]] = field(default_factory=list)  # (adapter, weight): cdiff.mixing merged them in
+    saved_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # nn.Linear name -> its base weight
 
 
 def _plan(model, targets, extra_trainable) -> list[str]:
@@ -119,10 +167,22 @@ def _plan(model, targets, extra_trainable) -> list[str]:
     return names
 
 
-def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.0, extra_trainable=()) -> list[str]:
+def inject_lora(
+    model,
+    targets=("w_q", "w_k", "w_v"),
+    r=4,
+    alpha=4.0,
+    dropout=0.0,
+    extra_trainable=(),
+    *,
+    use_rslora=False,
+    use_dora=False,
+) -> list[str]:
     """Wrap every nn.Linear whose name ends with a target ("w_q", "attn.feedforward.0"); freeze all but LoRA and extras.
 
     `extra_trainable` names whole modules (e.g. "prompt") that train too and are saved with the adapter.
+    `use_rslora`: scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA, PEFT's name).
+    `use_dora`: DoRA, a trainable magnitude per output row times the direction of W + s·ΔW (PEFT's name).
     Returns the injected module names. A bad target or module is refused before the model is changed.
     """
     if getattr(model, "_cdiff_lora", None) is not None:
@@ -130,25 +190,29 @@ def inject_lora(model, targets=("w_q", "w_k", "w_v"), r=4, alpha=4.0, dropout=0.
     LoraConfig(r, alpha, dropout, list(targets), list(extra_trainable)).validate("lora")
     names = _plan(model, targets, extra_trainable)
     is_meta = any(t.is_meta for t in model.state_dict().values())
+    base_fp = "" if is_meta else fingerprint(model.state_dict())
     _inject(
-        model, names, r, alpha, dropout, targets, extra_trainable, "" if is_meta else fingerprint(model.state_dict())
+        model, names, r, alpha, dropout, targets, extra_trainable, base_fp, use_rslora=use_rslora, use_dora=use_dora
     )
     return names
 
 
-def _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp: str) -> None:
+def _inject(
+    model, names, r, alpha, dropout, targets, extra_trainable, base_fp: str, *, use_rslora=False, use_dora=False
+) -> None:
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        setattr(parent, name.rpartition(".")[2], LoRALinear(model.get_submodule(name), r, alpha, dropout))
+        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora, use_dora)
+        setattr(parent, name.rpartition(".")[2], layer)
     saved = {}
     for extra in extra_trainable:
         module = model.get_submodule(extra)
         saved[extra] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         for p in module.parameters():
             p.requires_grad_(True)
-    model._cdiff_lora = _LoraState(
+    model._cdiff_lora = LoraState(
         r,
         float(alpha),
         float(dropout),
@@ -158,6 +222,8 @@ def _inject(model, names, r, alpha, dropout, targets, extra_trainable, base_fp: 
         base_fp,
         saved,
         list(model.prompt.class_names) if hasattr(model, "prompt") else [],
+        use_rslora,
+        use_dora,
     )
 
 
@@ -175,7 +241,7 @@ def unmerge_lora(model) -> None:
         layer.unmerge()
 
 
-def _state(model) -> _LoraState:
+def _state(model) -> LoraState:
     state = getattr(model, "_cdiff_lora", None)
     if state is None:
         raise CdiffError("this model has no LoRA adapter: inject_lora or load_adapter first")
@@ -192,6 +258,9 @@ def unload_lora(model) -> None:
         setattr(parent, name.rpartition(".")[2], layer.base_layer)
     for name, tensors in state.saved_modules.items():
         model.get_submodule(name).load_state_dict(tensors)
+    with torch.no_grad():
+        for name, weight in state.saved_weights.items():
+            model.get_submodule(name).weight.copy_(weight)
     if state.saved_class_names:
         model.prompt.class_names = list(state.saved_class_names)
     for p in model.parameters():
@@ -216,10 +285,14 @@ def merge_and_unload(model) -> None:
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """Only what the adapter owns: lora_A/lora_B of each wrapped layer, plus the extra trainable modules."""
     state = _state(model)
+    if state.mix:
+        raise CdiffError("this model carries a weighted mix of adapters, not one adapter: merge_and_unload it instead")
     out = {}
     for name in state.injected:
         layer = model.get_submodule(name)
         out[f"{name}.lora_A"], out[f"{name}.lora_B"] = layer.lora_A.detach(), layer.lora_B.detach()
+        if layer.use_dora:
+            out[f"{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach()
     for extra in state.extra_trainable:
         for k, v in model.get_submodule(extra).state_dict().items():
             out[f"{extra}.{k}"] = v.detach()
@@ -245,11 +318,18 @@ class AdapterConfig:
     lora_dropout: float = 0.0
     extra_trainable: list[str] = field(default_factory=list)
     class_names: list[str] = field(default_factory=list)
+    use_rslora: bool = False  # absent (adapters saved before it existed): plain alpha / r
+    use_dora: bool = False  # absent: plain LoRA; with it, adapter.safetensors holds each layer's magnitude
+
+    @property
+    def lora(self) -> LoraConfig:
+        """These settings in params.yaml's words (alpha, targets, dropout): the one place the file's PEFT
+        vocabulary (lora_alpha, target_modules, lora_dropout) and the params' meet."""
+        settings = (self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable)
+        return LoraConfig(*settings, use_rslora=self.use_rslora, use_dora=self.use_dora)
 
     def validate(self, key: str) -> None:
-        LoraConfig(self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable).validate(
-            f"{key}: lora"
-        )
+        self.lora.validate(f"{key}: lora")
         self.base_model.validate(f"{key}: base_model")
         if self.class_names:
             check_class_names(self.class_names, f"{key}: class_names", limit=self.base_model.num_classes)
@@ -261,6 +341,7 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
     An existing adapter folder at `path` is replaced only with `overwrite=True`; NaN/inf tensors are refused.
     """
     state = _state(model)
+    adapter_state_dict(model)  # refuses a mix before its config is built
     config = AdapterConfig(
         r=state.r,
         lora_alpha=state.lora_alpha,
@@ -271,12 +352,15 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
         lora_dropout=state.lora_dropout,
         extra_trainable=state.extra_trainable,
         class_names=list(class_names if class_names is not None else model.prompt.class_names),
+        use_rslora=state.use_rslora,
+        use_dora=state.use_dora,
     )
     config.validate("adapter")
     save_weights_folder(ADAPTER, path, adapter_state_dict(model), to_dict(config), overwrite=overwrite)
 
 
-def _parse(config: dict, path) -> AdapterConfig:
+def parse_adapter_config(config: dict, path) -> AdapterConfig:
+    """The typed, checked AdapterConfig of the adapter folder at `path`, from its adapter_config.json `config`."""
     where = display_path(Path(path) / ADAPTER_CONFIG)
     fields = {k: v for k, v in config.items() if k not in ("format", "version", "fingerprint")}
     parsed = from_dict(AdapterConfig, fields, f"{where}:")
@@ -284,33 +368,64 @@ def _parse(config: dict, path) -> AdapterConfig:
     return parsed
 
 
-def read_adapter_config(path) -> dict:
-    """adapter_config.json of an adapter folder (or URI), every field checked (one-line errors naming the field)."""
+def read_adapter_config(path) -> AdapterConfig:
+    """The typed adapter_config.json of an adapter folder (or URI), every field checked (one-line errors naming
+    the field); of a PEFT folder that `cdiff export-peft` wrote, the cdiff config it keeps."""
+    from cdiff.peft_format import is_peft_folder, read_peft_folder
+
     path = resolve(path, "adapter")
-    config = read_folder_config(ADAPTER, path)
-    _parse(config, path)
-    return config
+    config = read_peft_folder(path)[1] if is_peft_folder(path) else read_folder_config(ADAPTER, path)
+    return parse_adapter_config(config, path)
 
 
 def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, config) of an adapter folder, checked without a model: the config's fields, the tensors'
-    fingerprint and finiteness, and that they fit the base architecture the config names (on the meta device)."""
+    fingerprint and finiteness, and that they fit the base architecture the config names (on the meta device).
+    A PEFT folder that `cdiff export-peft` wrote reads as the adapter it came from (cdiff.peft_format)."""
+    from cdiff.peft_format import is_peft_folder, read_peft_folder
+
     path = resolve(path, "adapter")
-    config = read_folder_config(ADAPTER, path)
-    parsed = _parse(config, path)
-    tensors, _ = load_weights_folder(ADAPTER, path, config)
+    if is_peft_folder(path):
+        tensors, config = read_peft_folder(path)
+        parsed = parse_adapter_config(config, path)
+    else:
+        config = read_folder_config(ADAPTER, path)
+        parsed = parse_adapter_config(config, path)
+        tensors, _ = load_weights_folder(ADAPTER, path, config)
     with on_meta():
         skeleton = UNet(parsed.base_model)
         try:
             names = _plan(skeleton, parsed.target_modules, parsed.extra_trainable)
         except CdiffError as e:
             raise CdiffError(f"adapter {display_path(path)} does not fit its base model: {e}") from e
-        _inject(skeleton, names, parsed.r, parsed.lora_alpha, 0.0, parsed.target_modules, parsed.extra_trainable, "")
+        _inject_as(skeleton, parsed, names, base_fp="", dropout=0.0)
         expected = adapter_state_dict(skeleton)
     if names != parsed.injected:
         raise CdiffError(f"{display_path(path / ADAPTER_CONFIG)}: 'injected' does not match target_modules")
     check_fits(expected, tensors, path)
     return tensors, config
+
+
+def _inject_as(model, config: AdapterConfig, names: list[str], base_fp: str, dropout: float) -> None:
+    """Wrap `names` as the adapter `config` describes."""
+    lora = config.lora
+    settings = (lora.r, lora.alpha, dropout, lora.targets, lora.extra_trainable)
+    _inject(model, names, *settings, base_fp, use_rslora=config.use_rslora, use_dora=config.use_dora)
+
+
+def check_base(model, config: AdapterConfig, path) -> str:
+    """The model's base fingerprint, once it is the base `config` (of the adapter at `path`) was trained on."""
+    if to_dict(config.base_model) != to_dict(model.config):
+        raise CdiffError(
+            f"adapter {display_path(path)} was made for another model architecture: use the base it was trained on"
+        )
+    current = getattr(model, "_cdiff_lora", None)
+    base_fp = current.base_fingerprint if current is not None else fingerprint(model.state_dict())
+    if base_fp != config.base_fingerprint:
+        raise CdiffError(
+            f"adapter {display_path(path)} was trained on other base weights (fingerprint mismatch): use its own base"
+        )
+    return base_fp
 
 
 def load_adapter(model, path) -> list[str]:
@@ -322,29 +437,11 @@ def load_adapter(model, path) -> list[str]:
     """
     path = resolve(path, "adapter")
     tensors, config = read_adapter(path)
-    parsed = _parse(config, path)
-    if to_dict(parsed.base_model) != to_dict(model.config):
-        raise CdiffError(
-            f"adapter {display_path(path)} was made for another model architecture: use the base it was trained on"
-        )
-    current = getattr(model, "_cdiff_lora", None)
-    base_fp = current.base_fingerprint if current is not None else fingerprint(model.state_dict())
-    if base_fp != parsed.base_fingerprint:
-        raise CdiffError(
-            f"adapter {display_path(path)} was trained on other base weights (fingerprint mismatch): use its own base"
-        )
-    if current is not None:
+    parsed = parse_adapter_config(config, path)
+    base_fp = check_base(model, parsed, path)
+    if getattr(model, "_cdiff_lora", None) is not None:
         unload_lora(model)
-    _inject(
-        model,
-        parsed.injected,
-        parsed.r,
-        parsed.lora_alpha,
-        parsed.lora_dropout,
-        parsed.target_modules,
-        parsed.extra_trainable,
-        base_fp,
-    )
+    _inject_as(model, parsed, parsed.injected, base_fp, parsed.lora_dropout)
     own = adapter_state_dict(model)
     with torch.no_grad():
         for k, v in tensors.items():

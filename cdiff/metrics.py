@@ -256,6 +256,30 @@ def judge_images(
     return Judgement(score, accuracy.per_class, features, labels, correct)
 
 
+def classification_accuracy_score(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    class_names: list[str],
+    test_set: ImageSet,
+    config,
+    *,
+    seed: int = 0,
+    n_boot: int = 1000,
+) -> Interval:
+    """CAS (Ravuri & Vinyals 2019): a fresh classifier of the judge's architecture (`config`, a JudgeConfig)
+    trained on `images` (in [-1, 1]) alone, its accuracy on the real test split, with a stratified bootstrap
+    interval over the test images. Unlike GAN-test it punishes missing diversity: images that cover little of
+    each class teach a classifier that fails on the real variety. The real-data judge's accuracy is its ceiling.
+    Raises NotComputable for fewer than two classes."""
+    from cdiff.judge import predict, train_judge
+
+    check_judgeable(class_names)
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    classifier = train_judge(ImageSet(pixels, labels, list(class_names)), config, seed=seed, progress=False)
+    correct = predict(classifier, test_set.as_float())[1] == test_set.labels
+    return accuracy_interval(correct, test_set.labels, n_boot=n_boot, seed=seed)
+
+
 def reference_features(judge, data: ImageSet) -> torch.Tensor:
     """The real held-out split's judge features (N, features); raises NotComputable for fewer than two classes."""
     from cdiff.judge import predict

@@ -33,13 +33,17 @@ class Score:
     fid_raw: float | None = None  # the FID as measured at this count, biased upwards (by about D/N)
     kid: float | None = None  # Kernel Inception Distance in the judge's features: unbiased at any count
     kid_std: float | None = None  # its std over subsets
+    cas: float | None = None  # classification accuracy score: a classifier trained on these images, on real test
+    cas_interval: list[float] | None = None  # [low, high]: resampling the real test images by class
 
     def shown(self, what: str) -> str:
         """'63.7 [58.2, 70.1]' (FID) or '72.7% [66.0%, 78.9%]' (gan_test): the value and its interval."""
         if what == "kid":
             return "-" if self.kid is None else f"{self.kid:.3g} ± {self.kid_std or 0:.2g}"
         value, ci = getattr(self, what), getattr(self, f"{what}_interval")
-        fmt = "{:.1%}" if what == "gan_test" else "{:.4g}"
+        if value is None:
+            return "-"
+        fmt = "{:.1%}" if what in ("gan_test", "cas") else "{:.4g}"
         return fmt.format(value) + ("" if ci is None else f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]")
 
     def fid_beats(self, other: Score) -> bool | None:

@@ -48,6 +48,7 @@ def row(run: tracking.StageRun | None, ft: FinetuneResult | None, ev: DomainEval
         "fid_adapter_95": adapter.fid_interval if adapter else None,
         "adapter_minus_base_fid": vs_base.shown() if vs_base else None,  # paired: its interval and verdict
         "kid_adapter": adapter.kid if adapter else None,
+        "cas_adapter": adapter.cas if adapter else None,
         "gan_test": adapter.gan_test if adapter else None,
         "gan_test_95": adapter.gan_test_interval if adapter else None,
         "commit": run.commit[:8] if run else "",

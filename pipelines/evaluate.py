@@ -26,7 +26,8 @@ def main(name: str) -> None:
     train_set, test_set = (load_imageset(paths.prepared(name), split) for split in ("train", "test"))
     judge = results.load(paths.judge_metrics(name), results.JudgeResult)
     try:
-        scorer, note = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample), ""
+        cas = p.evaluate.cas(p.judge)
+        scorer, note = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample, cas), ""
     except NotComputable as e:  # one class: the losses and the adapter's size still say something
         scorer, note = None, str(e)
     model, schedule, _ = load_model(paths.base_model)
@@ -48,8 +49,8 @@ def main(name: str) -> None:
         loss_base,
         loss_adapter,
         judge.test_accuracy,
-        int(adapter_config["r"]),
-        float(adapter_config["lora_alpha"]),
+        adapter_config.lora.r,
+        adapter_config.lora.alpha,
         trainable,
         trainable / base_params,
         note,

@@ -25,14 +25,14 @@ def main() -> None:
     e, dataset = p.evaluate, p.data.base.name
     train_set, test_set = (load_imageset(paths.prepared(dataset), split) for split in ("train", "test"))
     judge = results.load(paths.judge_metrics(dataset), results.JudgeResult)
-    scorer = Scorer(paths.judge(dataset), test_set, e.fid_per_class, p.seed, p.sample)
+    scorer = Scorer(paths.judge(dataset), test_set, e.fid_per_class, p.seed, p.sample, e.cas(p.judge))
     model, schedule, _ = load_model(paths.base_model)
     floor, base = scorer.floor(train_set), scorer.model(model, schedule, p.sampler)
     swept: dict[Sampler, Judged] = {}
 
     def point(setting: str, sampler: Sampler) -> results.SweepPoint:
         if sampler not in swept:
-            swept[sampler] = scorer.model(model, schedule, sampler, e.sweep_per_class)
+            swept[sampler] = scorer.model(model, schedule, sampler, e.sweep_per_class, cas=False)  # FID, KID, GAN-test
         return results.SweepPoint(setting, swept[sampler].score, swept[sampler].seconds)
 
     sweeps = {

@@ -35,7 +35,9 @@ def main(name: str) -> None:
             model, curve = distributed.fit(p, job, mlflow_run_id=run_id)
         extra = {"base_fingerprint": base_config.fingerprint}
         save_model(model, p.diffusion, paths.full_model(name), extra=extra, overwrite=True)
-        scorer = Scorer(paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample)
+        scorer = Scorer(
+            paths.judge(name), test_set, p.evaluate.fid_per_class, p.seed, p.sample, p.evaluate.cas(p.judge)
+        )
         judged = scorer.model(model, schedule, p.sampler)
         result = results.FullFinetuneResult(
             judged.score,

@@ -16,7 +16,7 @@ from pipelines.core.layout import make_parents, paths
 def main(name: str) -> None:
     p = params()
     model, schedule, _ = load_model(paths.base_model)
-    class_names = read_adapter_config(paths.adapter(name))["class_names"]
+    class_names = read_adapter_config(paths.adapter(name)).class_names
     grids = base_grid, adapter_grid = paths.domain_grid(name, "base"), paths.domain_grid(name, "adapter")
     make_parents(*grids)
     classes = list(range(len(class_names)))

@@ -64,6 +64,7 @@ def _adapter(base: UNet, folder: Path, seed: int, class_names=None) -> None:
 def make_registry(root: Path) -> Registry:
     import mlflow
 
+    from cdiff.checkpoint import read_model_config
     from pipelines.core import registry, tracking
 
     uri = f"sqlite:///{root}/mlflow.db"
@@ -88,7 +89,7 @@ def make_registry(root: Path) -> Registry:
             fingerprints = {}
             for base in ("base", "base2"):
                 with mlflow.start_run(experiment_id=experiment, tags={"stage": "pretrain"}):
-                    fp = tracking.read_model_config(folders[base]).fingerprint
+                    fp = read_model_config(folders[base]).fingerprint
                     fingerprints[base] = fp
                     tracking.log_files(folders[base], "model")
                     registry.log_servable(

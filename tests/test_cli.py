@@ -25,12 +25,12 @@ def model_dir(tiny_model, tmp_path):
 
 def test_help_explains_every_command():
     out = subprocess.run([sys.executable, "-m", "cdiff", "--help"], capture_output=True, text=True, check=True).stdout
-    for word in ("sample", "info", "merge", "train", "examples:"):
+    for word in ("sample", "info", "merge", "export-peft", "serve", "train", "examples:"):
         assert word in out
     out = subprocess.run(
         [sys.executable, "-m", "cdiff", "sample", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    assert "--guidance" in out and "classifier-free" in out
+    assert "--guidance" in out and "classifier-free" in out and "--adapter ADAPTER[:WEIGHT]" in out
 
 
 def test_sample_writes_a_labelled_grid(model_dir, capsys):
@@ -301,3 +301,126 @@ print(code, sorted(m for m in sys.modules if m.split(".")[0] in ("pipelines", "r
 
     _, _, config = load_model(tmp_path / "m")
     assert config.model.image_size == 12 and config.diffusion.timesteps == 100  # the tiny params'
+
+
+# ---- weighted mixes: --adapter DIR:WEIGHT ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("adapters/a", (Path("adapters/a"), 1.0)),
+        ("adapters/a:0.7", (Path("adapters/a"), 0.7)),
+        ("a:-2.5e-1", (Path("a"), -0.25)),
+        ("a:+3", (Path("a"), 3.0)),
+        ("a:.5", (Path("a"), 0.5)),
+        ("dir:with:colons", (Path("dir:with:colons"), 1.0)),  # ':' and a non-number: still a path
+        ("my:adapter", (Path("my:adapter"), 1.0)),
+        ("a:0.5x", (Path("a:0.5x"), 1.0)),
+        ("a:", (Path("a:"), 1.0)),
+        ("x:2:1", (Path("x:2"), 1.0)),  # a folder named x:2
+        ("models:/cdiff-adapter-digits@champion", ("models:/cdiff-adapter-digits@champion", 1.0)),
+        ("models:/cdiff-adapter-digits/3:0.5", ("models:/cdiff-adapter-digits/3", 0.5)),
+    ],
+)
+def test_adapter_weights_parse_only_a_number_after_the_last_colon(text, expected):
+    from cdiff.cli import _weighted_source
+
+    assert _weighted_source(text) == expected
+
+
+@pytest.fixture
+def mix_dir(model_dir, tiny_model):
+    """model_dir, plus adapters a and b whose LoRA weights are not zero (the fixture's adapter is a no-op)."""
+    from tests.test_lora import _randomize_lora
+
+    for i, name in enumerate("ab"):
+        inject_lora(tiny_model, r=2, alpha=4, extra_trainable=["prompt"])
+        _randomize_lora(tiny_model, seed=i)
+        save_adapter(tiny_model, model_dir / name, class_names=[f"{name}{k}" for k in range(3)])
+        unload_lora(tiny_model)
+    return model_dir
+
+
+def test_sample_with_a_weighted_mix(mix_dir):
+    def grid(*adapters):
+        out = mix_dir / f"{len(list(mix_dir.glob('*.png')))}.png"
+        args = ["sample", str(mix_dir / "model"), "--n", "2", "--steps", "3", "--seed", "5", "-o", str(out)]
+        assert main([*args, *(x for a in adapters for x in ("--adapter", str(mix_dir / a)))]) == 0
+        return out.read_bytes()
+
+    alone = grid("a")
+    assert grid("a:1", "b:0") == alone  # the mix path, adding nothing: the same pixels
+    assert grid("a:0.5") != alone
+    assert grid("a:0.5", "b:0.5") not in (alone, grid("b"))
+
+
+def test_merge_a_weighted_mix(mix_dir, capsys):
+    import torch
+
+    from cdiff.checkpoint import load_model
+    from cdiff.mixing import load_adapters
+
+    a, b = str(mix_dir / "a"), str(mix_dir / "b")
+    out = mix_dir / "mixed"
+    assert (
+        main(["merge", str(mix_dir / "model"), "--adapter", f"{a}:0.7", "--adapter", f"{b}:-0.5", "-o", str(out)]) == 0
+    )
+    merged, _, config = load_model(out)
+    expected, _, _ = load_model(mix_dir / "model")
+    load_adapters(expected, [(mix_dir / "a", 0.7), (mix_dir / "b", -0.5)])
+    assert all(torch.equal(v, merged.state_dict()[k]) for k, v in expected.state_dict().items())
+    assert config.extra["merged_from"]["adapters"] == [{"adapter": a, "weight": 0.7}, {"adapter": b, "weight": -0.5}]
+    assert merged.class_names == ["a0", "a1", "a2"]
+    plain, _, _ = load_model(mix_dir / "model")
+    assert not torch.equal(
+        plain.state_dict()["prompt.embedding.weight"], merged.state_dict()["prompt.embedding.weight"]
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["sample", "model", "--adapter", "a:nan", "-o", "g.png"], "must be a finite number, got nan"),
+        (["sample", "model", "--adapter", "a:-inf", "-o", "g.png"], "must be a finite number, got -inf"),
+        (["merge", "model", "--adapter", "a:inf", "-o", "m"], "must be a finite number, got inf"),
+        (["merge", "model", "-o", "m"], "cdiff merge needs an adapter"),
+        (["merge", "model", "--adapter", "a:0.5", "--adapter", "nope:0.5", "-o", "m"], "adapter folder not found"),
+    ],
+)
+def test_bad_mixes_exit_2_with_one_line_and_write_nothing(mix_dir, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(mix_dir)
+    before = _tree(mix_dir)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(("cdiff: error: ", f"cdiff {args[0]}: error: ")) and message in err[0]
+    assert _tree(mix_dir) == before
+
+
+def test_sample_refuses_a_mix_with_an_adapter_of_another_base(mix_dir, capsys):
+    from cdiff.model import UNet
+    from tests.conftest import tiny_config
+
+    other = UNet(tiny_config())
+    inject_lora(other, r=2, alpha=2)
+    save_adapter(other, mix_dir / "foreign")
+    args = [
+        "sample",
+        str(mix_dir / "model"),
+        "--adapter",
+        f"{mix_dir / 'a'}:0.5",
+        "--adapter",
+        f"{mix_dir / 'foreign'}:0.5",
+    ]
+    assert main([*args, "-o", str(mix_dir / "g.png")]) == 2
+    assert "trained on other base weights (fingerprint mismatch)" in _one_error_line(capsys)
+
+
+def test_serve_refuses_bad_names_and_a_name_twice_in_one_line(model_dir, capsys):
+    model = str(model_dir / "model")
+    assert main(["serve", model, "--adapter", "bad name=x"]) == 2
+    assert "is not NAME=ADAPTER" in capsys.readouterr().err
+    adapter = str(model_dir / "adapter")
+    assert main(["serve", model, "--adapter", f"a={adapter}", "--adapter", f"a={adapter}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "cdiff: error: an adapter name is given twice: a"

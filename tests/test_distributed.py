@@ -38,3 +38,31 @@ def test_two_workers_match_one_worker(tmp_path, monkeypatch):
     for (_, one), (_, two) in zip(curves[1], curves[2], strict=True):
         assert abs(one - two) <= 1e-4 * max(1.0, abs(one)), (curves[1], curves[2])
     assert os.environ.get("GLOO_SOCKET_IFNAME") == "lo"
+
+
+def test_sample_grids_are_logged_at_their_steps_while_training(tmp_path, monkeypatch):
+    # train.sample_every: rank 0 draws a seeded grid of the EMA weights at those checkpoints, as MLflow image
+    # steps (the UI's slider); the curve is the same as without grids (drawn on a copy)
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("grids", artifact_location=(tmp_path / "art").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    p = load_params(ROOT / "tests" / "tiny_params.yaml")
+    p.ray = dataclasses.replace(p.ray, storage_path=str(tmp_path / "ray"), cpus_per_worker=2.0)
+    data = load_source("sklearn-digits", "train", p.model.image_size, p.model.channels)
+    cfg = dataclasses.replace(p.train.base, steps=8, log_every=2, checkpoint_every=4, sample_every=4)
+    job = job_for(p, "base", data, cfg)
+    with distributed.session(p):
+        _, curve = distributed.fit(p, job, mlflow_run_id=run_id)
+    pngs = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
+    assert [name.split("+")[2] for name in pngs] == ["4", "8"] or sorted(n.split("+")[2] for n in pngs) == ["4", "8"]
+    local = client.download_artifacts(run_id, pngs[0], str(tmp_path))
+    with Image.open(local) as im:
+        assert im.width > 4 * p.model.image_size  # four images a row, with the class labels
+    assert job_for(p, "base", data, dataclasses.replace(cfg, sample_every=0)).grid is None
+    assert run_name(job) == run_name(job_for(p, "base", data, dataclasses.replace(cfg, sample_every=0)))

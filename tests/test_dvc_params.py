@@ -5,12 +5,17 @@ each pipelines.core function the script hands `p` to (followed through the calls
 """
 
 import ast
+import dataclasses
 import importlib
 import inspect
 import re
+import textwrap
 from functools import cache
 
+from pipelines.core.config import load_params
 from tests.helpers import ROOT
+
+PARAMS = load_params(ROOT / "params.yaml")  # a real Params, to find a section's methods and properties
 
 # Read but not declared, by design: where MLflow logs to changes no output DVC tracks; a dataset's name is
 # already part of the stage's definition (its paths interpolate ${data.base.name} or the domain's key).
@@ -63,18 +68,39 @@ def _aliases(body: ast.AST, root: str) -> dict[str, list[str]]:
     return roots
 
 
-def _key(chain: list[str], key: str) -> str | None:
-    """A chain of attributes on Params -> the params.yaml key it reads (None: not a params read)."""
+def _key(chain: list[str], key: str) -> set[str]:
+    """A chain of attributes on Params -> the params.yaml keys it reads. A method or property of a section
+    (`p.evaluate.cas(...)`, `p.tune.sampler`) reads the fields its code reads through `self`."""
     head, rest = chain[0], chain[1:]
     if head == "tuned()":  # the same params with tuned values: read on
-        return _key(rest, key) if rest else None
+        return _key(rest, key) if rest else set()
     if head == "sampler":  # one value built from the whole section
-        return "sample"
+        return {"sample"}
     if head in ("domain()", "dataset()"):
-        head = "data.base" if key == "base" else f"data.domains.{key}"
+        path, obj = ["data.base" if key == "base" else f"data.domains.{key}"], None
     elif head.endswith("()"):
-        return None
-    return ".".join([head] + [r for r in rest if not r.endswith("()")])
+        return set()
+    else:
+        path, obj = [head], getattr(PARAMS, head, None)
+    for name in rest:
+        member = getattr(type(obj), name.removesuffix("()"), None) if obj is not None else None
+        code = member.fget if isinstance(member, property) else member
+        if inspect.isfunction(code):  # a method or property of the section: what it reads of `self`
+            return {".".join(path + [r]) for r in _self_reads(code)} or {".".join(path)}
+        if name.endswith("()"):
+            break
+        path.append(name)
+        obj = getattr(obj, name, None) if obj is not None and dataclasses.is_dataclass(obj) else None
+    return {".".join(path)}
+
+
+def _self_reads(method) -> set[str]:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    return {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+    }
 
 
 @cache
@@ -103,8 +129,7 @@ def reads(fn, root: str, key: str, seen: set | None = None) -> set[str]:
         if id(node) in methods or id(node) in checks:  # `p.domain` of `p.domain(name)`: the call is the read
             continue
         if isinstance(node, ast.Attribute | ast.Call) and (chain := _chain(node, roots)):
-            if (k := _key(chain, key)) is not None:
-                found.add(k)
+            found |= _key(chain, key)
         if isinstance(node, ast.Call):
             for i, arg in enumerate(node.args):
                 if isinstance(arg, ast.Name) and arg.id == root:

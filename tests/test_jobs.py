@@ -60,3 +60,16 @@ def test_train_job_trains_what_the_job_says():
     model = build_model(job)
     state = train_job(model, job, progress=False)
     assert state.step == 2 and [s for s, _ in state.losses] == [1, 2]
+
+
+def test_a_domains_lora_variant_reaches_the_layers_it_trains():
+    # data.domains.D.lora.use_rslora / use_dora (params) -> the job's layers, and a new Ray run name
+    plain = build_model(_job("lora"))
+    for variant in ("use_rslora", "use_dora"):
+        job = _job("lora", lora=LoraConfig(r=2, alpha=2.0, **{variant: True}))
+        layers = lora_layers(build_model(job))
+        assert layers and all(getattr(layer, variant) for layer in layers)
+        assert not any(getattr(layer, variant) for layer in lora_layers(plain))
+        assert run_name(job) != run_name(_job("lora"))
+    rs = lora_layers(build_model(_job("lora", lora=LoraConfig(r=4, alpha=2.0, use_rslora=True))))[0]
+    assert rs.scaling == pytest.approx(2.0 / 2)  # alpha / sqrt(r), not alpha / r

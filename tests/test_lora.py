@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -151,8 +153,6 @@ def test_corrupt_or_pickled_adapter_files_are_refused(tiny_model, tmp_path):
 
 
 def _edit_config(folder, **changes):
-    import json
-
     config = json.loads((folder / "adapter_config.json").read_text())
     config.update(changes)
     (folder / "adapter_config.json").write_text(json.dumps(config, allow_nan=True))
@@ -281,8 +281,6 @@ def test_inject_lora_checks_before_it_changes_the_model(tiny_model):
 
 
 def test_adapters_carry_their_own_fingerprint_and_refuse_nan(tiny_model, tmp_path):
-    import json
-
     inject_lora(tiny_model, r=2, alpha=2)
     save_adapter(tiny_model, tmp_path / "a")
     config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
@@ -292,3 +290,152 @@ def test_adapters_carry_their_own_fingerprint_and_refuse_nan(tiny_model, tmp_pat
     with pytest.raises(CdiffError, match="holds NaN or infinite"):
         save_adapter(tiny_model, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+
+
+# ---- rsLoRA: scaling alpha / sqrt(r) ----------------------------------------------------------------
+
+
+def _hand_layer(**options) -> LoRALinear:
+    """in 3, out 2, r 4, alpha 6: rsLoRA scales by 6 / sqrt(4) = 3 (plain LoRA by 6 / 4 = 1.5)."""
+    base = nn.Linear(3, 2)
+    layer = LoRALinear(base, r=4, lora_alpha=6, **options)
+    with torch.no_grad():
+        base.weight.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0]]))  # W (out, in)
+        base.bias.copy_(torch.tensor([0.5, -1.0]))
+        # PEFT's orientation: A (r, in), B (out, r); cdiff stores their transposes (x @ lora_A @ lora_B)
+        layer.lora_A.copy_(torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]]).T)
+        layer.lora_B.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 1]]).T)
+    return layer
+
+
+def test_rslora_scales_by_alpha_over_sqrt_r():
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    # W x + b = [1, 2] + [0.5, -1]; A x = [1, 2, 3, 6]; B A x = [1, 6]
+    assert torch.equal(_hand_layer(use_rslora=True)(x), torch.tensor([[1.5 + 3 * 1, 1 + 3 * 6.0]]))
+    assert torch.equal(_hand_layer()(x), torch.tensor([[1.5 + 1.5 * 1, 1 + 1.5 * 6.0]]))
+
+
+def test_rslora_merge_and_unmerge_are_exact():
+    layer, x = _hand_layer(use_rslora=True), torch.randn(5, 3)
+    unmerged, weight = layer(x), layer.base_layer.weight.clone()
+    layer.merge()
+    assert torch.equal(layer.base_layer.weight, torch.tensor([[1.0 + 3, 0, 0], [3, 4, 3]]))  # W + 3 B A
+    assert torch.allclose(layer(x), unmerged, atol=1e-6)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, weight) and torch.equal(layer(x), unmerged)
+
+
+def test_rslora_adapter_round_trip_keeps_it(tiny_model, tmp_path):
+    tiny_model.eval()
+    inject_lora(tiny_model, r=4, alpha=4, use_rslora=True)
+    _randomize_lora(tiny_model)
+    expected = tiny_model(X, T, Y)
+    save_adapter(tiny_model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["use_rslora"] is True
+    unload_lora(tiny_model)
+    load_adapter(tiny_model, tmp_path / "a")
+    assert all(layer.use_rslora and layer.scaling == 2.0 for layer in lora_layers(tiny_model))
+    assert torch.equal(tiny_model(X, T, Y), expected)
+
+
+def test_an_adapter_config_without_use_rslora_loads_as_plain_lora(tiny_model, tmp_path):
+    tiny_model.eval()
+    for name, rslora in (("plain", False), ("rs", True)):
+        inject_lora(tiny_model, r=4, alpha=4, use_rslora=rslora)
+        _randomize_lora(tiny_model)
+        save_adapter(tiny_model, tmp_path / name)
+        unload_lora(tiny_model)
+    load_adapter(tiny_model, tmp_path / "rs")
+    rs_output = tiny_model(X, T, Y)
+    load_adapter(tiny_model, tmp_path / "plain")
+    plain_output = tiny_model(X, T, Y)
+    for name in ("plain", "rs"):  # as an older cdiff wrote them
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        del config["use_rslora"]
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps(config))
+    load_adapter(tiny_model, tmp_path / "plain")
+    assert torch.equal(tiny_model(X, T, Y), plain_output)
+    load_adapter(tiny_model, tmp_path / "rs")  # the same tensors, now read as plain LoRA: alpha / r
+    assert all(not layer.use_rslora and layer.scaling == 1.0 for layer in lora_layers(tiny_model))
+    assert not torch.allclose(tiny_model(X, T, Y), rs_output, atol=1e-4)
+
+
+# ---- DoRA: a magnitude per output row times the direction of W + s·ΔW ---------------------------------
+
+
+def _dora_by_hand(W, b, A, B, m, s, x):
+    """PEFT's shapes: W (out, in), A (r, in), B (out, r), m (out,); the norm over the input dim."""
+    adapted = W + s * B @ A
+    return (m / torch.linalg.vector_norm(adapted, dim=1))[:, None].mul(adapted).matmul(x.T).T + b
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_dora_forward_matches_the_formula(use_rslora):
+    layer, x = _hand_layer(use_dora=True, use_rslora=use_rslora), torch.randn(5, 3)
+    with torch.no_grad():
+        layer.lora_magnitude_vector.copy_(torch.tensor([2.0, 3.0]))
+    W, b = layer.base_layer.weight.detach().clone(), layer.base_layer.bias.detach().clone()
+    A, B, m = layer.lora_A.detach().T, layer.lora_B.detach().T, torch.tensor([2.0, 3.0])
+    expected = _dora_by_hand(W, b, A, B, m, 3.0 if use_rslora else 1.5, x)
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    assert not torch.allclose(_hand_layer(use_rslora=use_rslora)(x), expected, atol=1e-2)  # not plain LoRA
+    layer.merge()
+    assert torch.allclose(layer(x), expected, atol=1e-5)
+    layer.unmerge()
+    assert torch.equal(layer.base_layer.weight, W)
+
+
+def test_a_fresh_dora_layer_is_exactly_the_base():
+    torch.manual_seed(0)
+    base, x = nn.Linear(6, 5), torch.randn(4, 6)
+    expected = base(x)
+    layer = LoRALinear(base, r=2, lora_alpha=4, use_dora=True)
+    assert torch.equal(layer.lora_magnitude_vector, torch.linalg.vector_norm(base.weight, dim=1))
+    assert torch.equal(layer(x), expected)
+
+
+def test_dora_on_a_model_fresh_merged_and_unmerged(tiny_model):
+    tiny_model.eval()
+    base = tiny_model(X, T, Y)
+    inject_lora(tiny_model, r=2, alpha=4, use_dora=True)
+    assert torch.equal(tiny_model(X, T, Y), base)
+    trainable = {n.rpartition(".")[2] for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "lora_magnitude_vector"}
+    _randomize_lora(tiny_model)
+    weights = [layer.base_layer.weight.clone() for layer in lora_layers(tiny_model)]
+    unmerged = tiny_model(X, T, Y)
+    assert (unmerged - base).abs().max() > 1e-3
+    merge_lora(tiny_model)
+    assert (tiny_model(X, T, Y) - unmerged).abs().max() < 1e-5
+    unmerge_lora(tiny_model)
+    assert all(
+        torch.equal(layer.base_layer.weight, w) for layer, w in zip(lora_layers(tiny_model), weights, strict=True)
+    )
+    assert torch.equal(tiny_model(X, T, Y), unmerged)
+
+
+def test_dora_magnitude_trains():
+    layer = LoRALinear(nn.Linear(4, 3), r=2, lora_alpha=2, use_dora=True)
+    layer(torch.randn(5, 4)).square().sum().backward()
+    assert layer.lora_magnitude_vector.grad is not None and layer.lora_magnitude_vector.grad.abs().sum() > 0
+
+
+def test_dora_adapter_round_trip(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    tiny_model.eval()
+    names = inject_lora(tiny_model, r=2, alpha=4, use_dora=True)
+    _randomize_lora(tiny_model)
+    expected = tiny_model(X, T, Y)
+    save_adapter(tiny_model, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["use_dora"] is True
+    tensors = load_file(str(tmp_path / "a" / "adapter.safetensors"))
+    for name in names:
+        out = tiny_model.get_submodule(name).base_layer.out_features
+        assert tensors[f"{name}.lora_magnitude_vector"].shape == (out,)
+    unload_lora(tiny_model)
+    load_adapter(tiny_model, tmp_path / "a")
+    assert all(layer.use_dora for layer in lora_layers(tiny_model))
+    assert torch.equal(tiny_model(X, T, Y), expected)
+    merge_and_unload(tiny_model)
+    assert (tiny_model(X, T, Y) - expected).abs().max() < 1e-5

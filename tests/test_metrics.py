@@ -162,3 +162,35 @@ def test_judge_images_with_intervals_and_one_class_refused():
     with pytest.raises(NotComputable, match="at least two classes"):
         judge_images(judge, images, torch.zeros(40, dtype=torch.long), ["only"], reference)
     assert issubclass(NotComputable, CdiffError)  # one line, exit 2, like every user-facing error
+
+
+def test_cas_punishes_missing_diversity_where_gan_test_does_not():
+    # a "model" that returns real images of each class, and one that returns one image per class 20 times over:
+    # the real judge recognises both (GAN-test), but a classifier trained on the copies fails on the real variety
+    from cdiff.config import JudgeConfig
+    from cdiff.data import load_source
+    from cdiff.judge import predict, train_judge
+    from cdiff.metrics import classification_accuracy_score
+
+    train, test = load_source("sklearn-digits", "train", 12, 1), load_source("sklearn-digits", "test", 12, 1)
+    config = JudgeConfig(steps=150, batch_size=64, lr=0.005, width=8, features=16)
+    diverse = balanced_subset(train, 20, seed=0)
+    judge = train_judge(train, config, seed=0, progress=False)
+    right = predict(judge, diverse.as_float())[1] == diverse.labels  # each class's copy: one the judge recognises
+    collapsed_index = torch.cat(
+        [torch.nonzero((diverse.labels == c) & right).flatten()[:1].repeat(20) for c in range(10)]
+    )
+    collapsed = diverse.subset(collapsed_index)
+    gan_test = {
+        name: float((predict(judge, s.as_float())[1] == s.labels).double().mean())
+        for name, s in (("diverse", diverse), ("collapsed", collapsed))
+    }
+    cas = {
+        name: classification_accuracy_score(s.as_float(), s.labels, s.class_names, test, config, n_boot=200)
+        for name, s in (("diverse", diverse), ("collapsed", collapsed))
+    }
+    assert gan_test["collapsed"] == 1.0 > gan_test["diverse"]  # GAN-test even prefers the copies
+    assert cas["diverse"].low > cas["collapsed"].high, cas  # beyond both intervals
+    assert cas["diverse"].low <= cas["diverse"].value <= cas["diverse"].high
+    with pytest.raises(NotComputable):
+        classification_accuracy_score(diverse.as_float(), torch.zeros(200, dtype=torch.long), ["x"], test, config)

@@ -94,9 +94,15 @@ class EvaluateConfig:
     guidance_sweep: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     sampler_sweep: list[str] = field(default_factory=lambda: ["ddpm", "ddim-20", "ddim-50", "ddim-100"])
     full_finetune: list[str] = field(default_factory=list)  # domains that also get a full fine-tune reference
+    cas_steps: int = 300  # the classification accuracy score's classifier: the judge's, trained this long (0: none)
+
+    def cas(self, judge: JudgeConfig) -> JudgeConfig | None:
+        """The classifier the CAS trains on each generated set: the judge's architecture, `cas_steps` long."""
+        return replace(judge, steps=self.cas_steps) if self.cas_steps else None
 
     def validate(self, key: str = "evaluate") -> None:
         _check(self.val_images >= 1, f"{key}.val_images", "must be at least 1")
+        _check(0 <= self.cas_steps <= 10**6, f"{key}.cas_steps", "must be in [0, 1000000] (0: no CAS)")
         for name in ("fid_per_class", "sweep_per_class"):  # an FID fits a covariance to each model's features
             _check(getattr(self, name) >= 2, f"{key}.{name}", "FID needs at least 2 images per class")
         for g in self.guidance_sweep:

@@ -34,7 +34,9 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from cdiff.errors import CdiffError
+from cdiff.grid import sample_picture
 from cdiff.model import UNet
+from cdiff.schedule import NoiseSchedule
 from cdiff.train import apply_ema, new_state
 from pipelines.core import tracking
 from pipelines.core.config import Params
@@ -180,6 +182,8 @@ def train_fn(config: dict) -> None:
             }
             pending.clear()
             save(st)
+            if rank == 0 and config.get("mlflow") and job.train.sample_every and st.step % job.train.sample_every == 0:
+                log_grid(job, ddp_model, st, *config["mlflow"])
             report(metrics)
             reported = True
 
@@ -209,6 +213,30 @@ def train_fn(config: dict) -> None:
                 bar.close()
         if not reported:  # resumed from the final checkpoint: hand it back as this run's result
             on_checkpoint(state)
+
+
+GRID_CLASSES, GRID_PER_CLASS = 10, 4  # the grids of train.sample_every: the first classes, a few images each
+
+
+def log_grid(job: TrainJob, model, state, run_id: str, uri: str) -> None:
+    """A seeded sample grid of the model's EMA weights at this step onto the MLflow run, as an image step
+    (key `samples`): the UI's image slider shows the model learning. Drawn on a copy: training is untouched."""
+    from mlflow.tracking import MlflowClient
+
+    copy = build_model(job)
+    copy.load_state_dict(getattr(model, "module", model).state_dict())
+    apply_ema(copy, state.ema.shadow)
+    classes = list(range(min(GRID_CLASSES, len(job.data.class_names))))
+    picture = sample_picture(
+        copy.eval(),
+        NoiseSchedule(job.diffusion),
+        job.grid,
+        classes,
+        GRID_PER_CLASS,
+        seed=job.seed,
+        title=f"step {state.step}",
+    )
+    MlflowClient(uri).log_image(run_id, picture, key="samples", step=state.step)
 
 
 def _resume_state(checkpoint, device, rank: int) -> dict | None:
@@ -260,7 +288,10 @@ def fit(p: Params, job: TrainJob, *, mlflow_run_id: str | None = None) -> tuple[
     """
     trainer = _StoppableTrainer(
         train_fn,
-        train_loop_config={"job": ray.put(job)},  # sent whole, through the object store
+        train_loop_config={  # the job sent whole, through the object store; where its grids go
+            "job": ray.put(job),
+            "mlflow": (mlflow_run_id, tracking.tracking_uri()) if mlflow_run_id and job.grid else None,
+        },
         torch_config=TorchConfig(backend="nccl" if p.ray.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=p.ray.num_workers,

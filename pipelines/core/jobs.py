@@ -18,6 +18,7 @@ from cdiff.data import ImageSet
 from cdiff.io import fingerprint
 from cdiff.lora import inject_lora
 from cdiff.model import UNet
+from cdiff.samplers import Sampler
 from cdiff.schedule import NoiseSchedule
 from cdiff.train import TrainState, train
 
@@ -48,6 +49,7 @@ class TrainJob:
     threads: int = 1  # torch threads per worker
     lora: LoraConfig | None = None  # for kind "lora"
     base: Weights | None = None  # for kinds "lora" and "full"
+    grid: Sampler | None = None  # how the grids of train.sample_every are sampled
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -65,7 +67,8 @@ def build_model(job: TrainJob) -> UNet:
         model.prompt.class_names = list(job.data.class_names)
     if job.lora is not None:
         lora = job.lora
-        inject_lora(model, lora.targets, lora.r, lora.alpha, lora.dropout, lora.extra_trainable)
+        settings = (lora.targets, lora.r, lora.alpha, lora.dropout, lora.extra_trainable)
+        inject_lora(model, *settings, use_rslora=lora.use_rslora, use_dora=lora.use_dora)
     return model
 
 
@@ -82,7 +85,7 @@ def run_name(job: TrainJob) -> str:
         "seed": job.seed,
         "model": to_dict(job.model),
         "diffusion": to_dict(job.diffusion),
-        "train": to_dict(job.train),
+        "train": {k: v for k, v in to_dict(job.train).items() if k != "sample_every"},  # grids train nothing
         "class_names": job.data.class_names,
         "lora": to_dict(job.lora) if job.lora else None,
         "threads": job.threads,
@@ -96,4 +99,5 @@ def run_name(job: TrainJob) -> str:
 def job_for(p, kind: str, data: ImageSet, train: TrainConfig, *, base=None, lora=None, threads=None) -> TrainJob:
     """A job with the run's model, diffusion and seed (p: pipelines.core.config.Params); threads from ray.cpus_per_worker."""
     threads = threads or max(1, int(p.ray.cpus_per_worker))
-    return TrainJob(kind, p.model, p.diffusion, train, data, p.seed, threads, lora, base)
+    grid = p.sampler if train.sample_every else None
+    return TrainJob(kind, p.model, p.diffusion, train, data, p.seed, threads, lora, base, grid)

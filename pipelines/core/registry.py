@@ -103,7 +103,7 @@ def log_servable(name: str, base: Path, adapter: Path | None, sampler: Sampler, 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file copied
     folders = {serving.BASE: base} | ({serving.ADAPTER: adapter} if adapter is not None else {})
     if adapter is not None:
-        names = read_adapter_config(adapter).get("class_names")
+        names = read_adapter_config(adapter).class_names
     else:
         names = read_model_config(base).class_names
     example = serving.input_example((names or ["0"])[0], sampler)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -9,11 +10,19 @@ from typing import NamedTuple
 import torch
 
 from cdiff.bootstrap import accuracy_difference, fid_difference
-from cdiff.config import SampleConfig
+from cdiff.config import JudgeConfig, SampleConfig
 from cdiff.data import ImageSet
 from cdiff.io import fingerprint
 from cdiff.judge import load_judge
-from cdiff.metrics import JudgedFeatures, Judgement, balanced_subset, generate, judge_images, reference_features
+from cdiff.metrics import (
+    JudgedFeatures,
+    Judgement,
+    balanced_subset,
+    classification_accuracy_score,
+    generate,
+    judge_images,
+    reference_features,
+)
 from cdiff.names import safe_names
 from cdiff.results import Comparison, Score
 from cdiff.samplers import Sampler
@@ -33,8 +42,18 @@ class Scorer:
     A dataset of one class raises cdiff.metrics.NotComputable: its judge would call everything perfect.
     """
 
-    def __init__(self, judge: Path, test_set: ImageSet, per_class: int, seed: int, sample: SampleConfig | None = None):
+    def __init__(
+        self,
+        judge: Path,
+        test_set: ImageSet,
+        per_class: int,
+        seed: int,
+        sample: SampleConfig | None = None,
+        cas: JudgeConfig | None = None,
+    ):
+        """`cas`: the classifier the classification accuracy score trains on each scored set (None: no CAS)."""
         self.judge, config = load_judge(judge)
+        self.test_set, self.cas = test_set, cas
         self.class_names = test_set.class_names
         self.reference_features = reference_features(self.judge, test_set)
         self.reference_labels = test_set.labels
@@ -47,7 +66,11 @@ class Scorer:
         real = balanced_subset(train_set, self.per_class, seed=self.seed)
         return self._judge(real.as_float(), real.labels, 0.0)
 
-    def model(self, model, schedule, sampler: Sampler, per_class: int | None = None, progress: bool = True) -> Judged:
+    def model(
+        self, model, schedule, sampler: Sampler, per_class: int | None = None, progress: bool = True, cas: bool = True
+    ) -> Judged:
+        """`per_class` images per class of `model`, judged (with the CAS where the scorer has a CAS classifier
+        and `cas`: the sweeps leave it out)."""
         start = time.perf_counter()
         s = self.sample
         images, labels = generate(
@@ -62,15 +85,21 @@ class Scorer:
             compile=s.compile,
             progress=progress,
         )
-        return self._judge(images, labels, time.perf_counter() - start)
+        return self._judge(images, labels, time.perf_counter() - start, cas)
 
-    def _judge(self, images, labels, seconds: float) -> Judged:
+    def _judge(self, images, labels, seconds: float, cas: bool = True) -> Judged:
         judged = judge_images(
             self.judge, images, labels, self.class_names, self.reference_features, self.reference_labels, seed=self.seed
         )
+        score = judged.score
+        if cas and self.cas is not None:
+            ci = classification_accuracy_score(
+                images, labels, self.class_names, self.test_set, self.cas, seed=self.seed
+            )
+            score = dataclasses.replace(score, cas=ci.value, cas_interval=[ci.low, ci.high])
         names = dict(zip(self.class_names, safe_names(self.class_names), strict=True))
         per_class = {names[k]: v for k, v in judged.per_class.items()}
-        return Judged(judged.score, per_class, seconds, judged)
+        return Judged(score, per_class, seconds, dataclasses.replace(judged, score=score))
 
     def difference(self, a: Judgement, b: Judgement) -> tuple[Comparison, Comparison]:
         """A - B in FID (paired: one real set, resampled once for both) and in GAN-test accuracy, with intervals."""
