@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -122,9 +123,27 @@ class LoraConfig:
     extra_trainable: list[str] = field(default_factory=list)  # e.g. ["prompt"]: saved with the adapter
     use_rslora: bool = False  # scale by alpha / sqrt(r), not alpha / r (rank-stabilised LoRA; PEFT's name)
     use_dora: bool = False  # DoRA: a trained magnitude per output row times the direction (PEFT's name)
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT's: {module-name pattern: its own r}
+    alpha_pattern: dict[str, float] = field(default_factory=dict)  # {module-name pattern: its own alpha}
 
     def validate(self, key: str) -> None:
         _check(self.r >= 1, f"{key}.r", "LoRA rank must be at least 1")
+        for name, pattern, low, high in (
+            ("rank_pattern", self.rank_pattern, 0, 4096),
+            ("alpha_pattern", self.alpha_pattern, 0, 4096),
+        ):
+            for k, v in pattern.items():
+                try:
+                    re.compile(rf"(.*\.)?{k}$")
+                except re.error as e:
+                    raise CdiffError(f"{key}.{name}: {k!r} is not a valid pattern ({e})") from None
+                ok = not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and low < v <= high
+                ok = ok and (isinstance(v, int) or name == "alpha_pattern")
+                _check(
+                    ok,
+                    f"{key}.{name}",
+                    f"{k!r}: must be {'an integer rank' if name == 'rank_pattern' else 'an alpha'} in ({low}, {high}]",
+                )
         _check(self.r <= 4096, f"{key}.r", "LoRA rank must be at most 4096")
         _check(0 < self.alpha <= 4096, f"{key}.alpha", "must be in (0, 4096]")
         _check(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")

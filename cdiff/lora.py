@@ -11,6 +11,7 @@ model, so a refused adapter leaves the model exactly as it was.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,16 @@ ADAPTER_WEIGHTS, ADAPTER_CONFIG = ADAPTER.weights, ADAPTER.marker
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def pattern_value(name: str, pattern: dict, default):
+    """A layer's own rank or alpha (PEFT's rank_pattern / alpha_pattern): the value of the first key k of
+    `pattern` with re.match(rf"(.*\\.)?{k}$", name), PEFT's rule (a module-name suffix, or a regex such as
+    "ups\\..*\\.w_q" for the up path's queries); `default` where none matches."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?{key}$", name):
+            return value
+    return default
 
 
 def lora_delta(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -147,6 +158,8 @@ class LoraState:
     saved_class_names: list[str] = field(default_factory=list)
     use_rslora: bool = False
     use_dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
     mix: list[tuple[str, float]] = field(default_factory=list)  # (adapter, weight): cdiff.mixing merged them in
     saved_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # nn.Linear name -> its base weight
 
@@ -177,34 +190,63 @@ def inject_lora(
     *,
     use_rslora=False,
     use_dora=False,
+    rank_pattern=None,
+    alpha_pattern=None,
 ) -> list[str]:
     """Wrap every nn.Linear whose name ends with a target ("w_q", "attn.feedforward.0"); freeze all but LoRA and extras.
 
     `extra_trainable` names whole modules (e.g. "prompt") that train too and are saved with the adapter.
     `use_rslora`: scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA, PEFT's name).
     `use_dora`: DoRA, a trainable magnitude per output row times the direction of W + s·ΔW (PEFT's name).
+    `rank_pattern` / `alpha_pattern` (PEFT's names): {module-name pattern: r or alpha} for the layers that
+    take their own (see `pattern_value`), e.g. {"ups\\..*": 8} for a higher rank on the up path.
     Returns the injected module names. A bad target or module is refused before the model is changed.
     """
     if getattr(model, "_cdiff_lora", None) is not None:
         raise CdiffError("this model already has a LoRA adapter: unload_lora(model) first")
-    LoraConfig(r, alpha, dropout, list(targets), list(extra_trainable)).validate("lora")
+    patterns = {"rank_pattern": dict(rank_pattern or {}), "alpha_pattern": dict(alpha_pattern or {})}
+    LoraConfig(r, alpha, dropout, list(targets), list(extra_trainable), **patterns).validate("lora")
     names = _plan(model, targets, extra_trainable)
     is_meta = any(t.is_meta for t in model.state_dict().values())
     base_fp = "" if is_meta else fingerprint(model.state_dict())
     _inject(
-        model, names, r, alpha, dropout, targets, extra_trainable, base_fp, use_rslora=use_rslora, use_dora=use_dora
+        model,
+        names,
+        r,
+        alpha,
+        dropout,
+        targets,
+        extra_trainable,
+        base_fp,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        **patterns,
     )
     return names
 
 
 def _inject(
-    model, names, r, alpha, dropout, targets, extra_trainable, base_fp: str, *, use_rslora=False, use_dora=False
+    model,
+    names,
+    r,
+    alpha,
+    dropout,
+    targets,
+    extra_trainable,
+    base_fp: str,
+    *,
+    use_rslora=False,
+    use_dora=False,
+    rank_pattern=None,
+    alpha_pattern=None,
 ) -> None:
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        layer = LoRALinear(model.get_submodule(name), r, alpha, dropout, use_rslora, use_dora)
+        r_i, alpha_i = pattern_value(name, rank_pattern, r), pattern_value(name, alpha_pattern, alpha)
+        layer = LoRALinear(model.get_submodule(name), r_i, alpha_i, dropout, use_rslora, use_dora)
         setattr(parent, name.rpartition(".")[2], layer)
     saved = {}
     for extra in extra_trainable:
@@ -224,6 +266,8 @@ def _inject(
         list(model.prompt.class_names) if hasattr(model, "prompt") else [],
         use_rslora,
         use_dora,
+        rank_pattern,
+        alpha_pattern,
     )
 
 
@@ -320,13 +364,20 @@ class AdapterConfig:
     class_names: list[str] = field(default_factory=list)
     use_rslora: bool = False  # absent (adapters saved before it existed): plain alpha / r
     use_dora: bool = False  # absent: plain LoRA; with it, adapter.safetensors holds each layer's magnitude
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # PEFT's: layers with their own rank (absent: none)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def layer(self, name: str) -> tuple[int, float]:
+        """(r, alpha) of one injected layer: its pattern's, else the adapter's."""
+        return pattern_value(name, self.rank_pattern, self.r), pattern_value(name, self.alpha_pattern, self.lora_alpha)
 
     @property
     def lora(self) -> LoraConfig:
         """These settings in params.yaml's words (alpha, targets, dropout): the one place the file's PEFT
         vocabulary (lora_alpha, target_modules, lora_dropout) and the params' meet."""
         settings = (self.r, self.lora_alpha, self.lora_dropout, self.target_modules, self.extra_trainable)
-        return LoraConfig(*settings, use_rslora=self.use_rslora, use_dora=self.use_dora)
+        patterns = {"rank_pattern": dict(self.rank_pattern), "alpha_pattern": dict(self.alpha_pattern)}
+        return LoraConfig(*settings, use_rslora=self.use_rslora, use_dora=self.use_dora, **patterns)
 
     def validate(self, key: str) -> None:
         self.lora.validate(f"{key}: lora")
@@ -354,6 +405,8 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
         class_names=list(class_names if class_names is not None else model.prompt.class_names),
         use_rslora=state.use_rslora,
         use_dora=state.use_dora,
+        rank_pattern=state.rank_pattern,
+        alpha_pattern=state.alpha_pattern,
     )
     config.validate("adapter")
     save_weights_folder(ADAPTER, path, adapter_state_dict(model), to_dict(config), overwrite=overwrite)
@@ -410,7 +463,10 @@ def _inject_as(model, config: AdapterConfig, names: list[str], base_fp: str, dro
     """Wrap `names` as the adapter `config` describes."""
     lora = config.lora
     settings = (lora.r, lora.alpha, dropout, lora.targets, lora.extra_trainable)
-    _inject(model, names, *settings, base_fp, use_rslora=config.use_rslora, use_dora=config.use_dora)
+    options = {"use_rslora": lora.use_rslora, "use_dora": lora.use_dora}
+    _inject(
+        model, names, *settings, base_fp, **options, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern
+    )
 
 
 def check_base(model, config: AdapterConfig, path) -> str:

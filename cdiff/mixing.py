@@ -44,9 +44,9 @@ def check_weight(weight, source) -> float:
 
 def _deltas(model, config: AdapterConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """nn.Linear name -> the delta (out, in) that this adapter's merge adds to its weight."""
-    scaling = lora_scaling(config.r, config.lora_alpha, config.use_rslora)
     out = {}
     for name in config.injected:
+        scaling = lora_scaling(*config.layer(name), config.use_rslora)  # the layer's own rank and alpha
         delta = lora_delta(tensors[f"{name}.lora_A"], tensors[f"{name}.lora_B"], scaling)
         if config.use_dora:
             weight = model.get_submodule(name).weight.detach()

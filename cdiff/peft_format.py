@@ -47,6 +47,8 @@ _SAME = {
     "use_rslora": "use_rslora",
     "use_dora": "use_dora",
     "modules_to_save": "extra_trainable",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
 }
 
 
@@ -101,6 +103,8 @@ def export_peft(adapter, path, *, overwrite: bool = False) -> None:
         "use_rslora": parsed.use_rslora,
         "use_dora": parsed.use_dora,
         "modules_to_save": parsed.extra_trainable or None,
+        "rank_pattern": parsed.rank_pattern,
+        "alpha_pattern": parsed.alpha_pattern,
         "bias": "none",
         "fan_in_fan_out": False,  # weights are nn.Linear's (out, in)
         "init_lora_weights": True,

@@ -68,7 +68,8 @@ def build_model(job: TrainJob) -> UNet:
     if job.lora is not None:
         lora = job.lora
         settings = (lora.targets, lora.r, lora.alpha, lora.dropout, lora.extra_trainable)
-        inject_lora(model, *settings, use_rslora=lora.use_rslora, use_dora=lora.use_dora)
+        patterns = {"rank_pattern": lora.rank_pattern, "alpha_pattern": lora.alpha_pattern}
+        inject_lora(model, *settings, use_rslora=lora.use_rslora, use_dora=lora.use_dora, **patterns)
     return model
 
 
