@@ -150,6 +150,8 @@ class TuneTrial:
     steps: int  # how far it ran before ASHA stopped it (or its budget ran out)
     objective: str = "val_loss"  # what the search optimised: val_loss, fid or gan_test
     score: float | None = None  # the best value of the objective the trial reached (None in older files)
+    variant: str | None = None  # lora, rslora or dora (tune.variants); None (older files): the domain's own
+    up_r: int | None = None  # the up path's own rank (tune.up_ranks); None: the trial's r throughout
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pipelines.core.layout import make_parents, paths
 @stage
 def main(name: str) -> None:
     best = results.load(paths.tune_best(name), results.TuneTrial, "tuned config")
-    p = params().tuned(name, best.r, best.alpha, best.lr)
+    p = params().tuned(name, best.r, best.alpha, best.lr, best.variant, best.up_r)
     lora, cfg = p.domain(name).lora, p.train.lora
     base, schedule, base_config = load_model(paths.base_model)
     train_set, val_set = (load_imageset(paths.prepared(name), split) for split in ("train", "val"))
@@ -29,7 +29,7 @@ def main(name: str) -> None:
     fp = base_config.fingerprint
     with tracking.stage_run(p, "finetune", name) as run_id:
         tracking.log_params({"base_fingerprint": fp})
-        job = job_for(p, "lora", train_set, cfg, base=Weights.of(base), lora=lora)
+        job = job_for(p, "lora", train_set, cfg, base=Weights.of(base), lora=lora, grid=p.sampler)
         with distributed.session(p):
             model, curve = distributed.fit(p, job, mlflow_run_id=run_id)
         val = validation_loss(model, schedule, val_set, p.evaluate.val_images, seed=p.seed)

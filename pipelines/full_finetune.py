@@ -31,7 +31,7 @@ def main(name: str) -> None:
     with tracking.stage_run(p, "full_finetune", name) as run_id:
         tracking.log_params({"base_fingerprint": base_config.fingerprint})
         with distributed.session(p):
-            job = job_for(p, "full", train_set, p.train.full, base=Weights.of(base))
+            job = job_for(p, "full", train_set, p.train.full, base=Weights.of(base), grid=p.sampler)
             model, curve = distributed.fit(p, job, mlflow_run_id=run_id)
         extra = {"base_fingerprint": base_config.fingerprint}
         save_model(model, p.diffusion, paths.full_model(name), extra=extra, overwrite=True)

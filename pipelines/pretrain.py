@@ -21,7 +21,9 @@ def main() -> None:
     make_parents(paths.base_model, paths.base_grid, paths.pretrain_metrics, paths.pretrain_curve, paths.pretrain_run)
     with tracking.stage_run(p, "pretrain", p.data.base.name) as run_id:
         with distributed.session(p):
-            model, curve = distributed.fit(p, job_for(p, "base", train_set, p.train.base), mlflow_run_id=run_id)
+            model, curve = distributed.fit(
+                p, job_for(p, "base", train_set, p.train.base, grid=p.sampler), mlflow_run_id=run_id
+            )
         schedule = NoiseSchedule(p.diffusion)
         result = results.PretrainResult(
             validation_loss(model, schedule, val_set, p.evaluate.val_images, seed=p.seed), curve[-1][1], curve[-1][0]

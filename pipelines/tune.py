@@ -13,7 +13,7 @@ from cdiff.checkpoint import load_model
 from cdiff.config import TrainConfig
 from cdiff.data import load_imageset
 from pipelines.core import distributed, tracking, tuning
-from pipelines.core.config import params
+from pipelines.core.config import params, variant_of
 from pipelines.core.console import stage, summary
 from pipelines.core.jobs import Weights, job_for
 from pipelines.core.layout import make_parents, paths
@@ -37,6 +37,11 @@ def main(name: str) -> None:
     base, _, _ = load_model(paths.base_model)
     job = job_for(p, "lora", train_set, budget, base=Weights.of(base), lora=domain.lora, threads=1)
     start = {"r": domain.lora.r, "alpha_ratio": domain.lora.alpha / domain.lora.r, "lr": p.train.lora.lr}
+    if len(t.variants) > 1:  # trial 0 is the domain's own config: its variant, its rank on the up path too
+        own = variant_of(domain.lora)
+        start["variant"] = own if own in t.variants else t.variants[0]
+    if t.up_ranks:
+        start["up_r"] = domain.lora.r if domain.lora.r in t.up_ranks else t.up_ranks[0]
     judge = None
     if t.objective != "val_loss":  # the domain's judge scores samples of each trial
         test_set = load_imageset(paths.prepared(name), "test")
@@ -54,6 +59,7 @@ def main(name: str) -> None:
         results.save(paths.tune_best(name), best)
         results.save(paths.tune_trials(name), results.TuneTrials(trials))
     chosen = f"best of {len(trials)} trials: r={best.r} alpha={best.alpha:g} lr={best.lr:.2e}"
+    chosen += (f" {best.variant}" if len(t.variants) > 1 else "") + (f" up-path r={best.up_r}" if t.up_ranks else "")
     summary(chosen, f"{t.objective.replace('_', ' ')} {best.score:.4f}", paths.show(paths.tune_best(name)))
 
 

@@ -229,3 +229,22 @@ def test_cross_field_checks_refuse_before_anything_trains(tmp_path):
     ]
     for edit in fine:
         load_params(_write(tmp_path, edit))
+
+
+def test_a_tuned_variant_and_up_path_rank_reach_the_fine_tune(tmp_path):
+    from pipelines.core.config import UP_PATH
+
+    p = load_params(_write(tmp_path, lambda raw: None))
+    lora = p.tuned("digits", 8, 16.0, 1e-3, "dora", 4).domain("digits").lora
+    assert (lora.r, lora.alpha, lora.use_dora, lora.use_rslora, lora.rank_pattern) == (
+        8,
+        16.0,
+        True,
+        False,
+        {UP_PATH: 4},
+    )
+    same = p.tuned("digits", 8, 16.0, 1e-3).domain("digits").lora  # no variant searched: the domain's own
+    assert not same.use_dora and same.rank_pattern == p.domain("digits").lora.rank_pattern
+    for bad, message in [({"variants": ["lora", "qlora"]}, "tune.variants"), ({"up_ranks": [0]}, "tune.up_ranks")]:
+        with pytest.raises(CdiffError, match=f"^{message}"):
+            load_params(_write(tmp_path, lambda raw, bad=bad: raw["tune"].update(bad)))

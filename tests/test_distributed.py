@@ -56,7 +56,7 @@ def test_sample_grids_are_logged_at_their_steps_while_training(tmp_path, monkeyp
     p.ray = dataclasses.replace(p.ray, storage_path=str(tmp_path / "ray"), cpus_per_worker=2.0)
     data = load_source("sklearn-digits", "train", p.model.image_size, p.model.channels)
     cfg = dataclasses.replace(p.train.base, steps=8, log_every=2, checkpoint_every=4, sample_every=4)
-    job = job_for(p, "base", data, cfg)
+    job = job_for(p, "base", data, cfg, grid=p.sampler)
     with distributed.session(p):
         _, curve = distributed.fit(p, job, mlflow_run_id=run_id)
     pngs = sorted(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
@@ -64,5 +64,5 @@ def test_sample_grids_are_logged_at_their_steps_while_training(tmp_path, monkeyp
     local = client.download_artifacts(run_id, pngs[0], str(tmp_path))
     with Image.open(local) as im:
         assert im.width > 4 * p.model.image_size  # four images a row, with the class labels
-    assert job_for(p, "base", data, dataclasses.replace(cfg, sample_every=0)).grid is None
-    assert run_name(job) == run_name(job_for(p, "base", data, dataclasses.replace(cfg, sample_every=0)))
+    off = job_for(p, "base", data, dataclasses.replace(cfg, sample_every=0), grid=p.sampler)
+    assert off.grid is None and run_name(job) == run_name(off)

@@ -152,6 +152,7 @@ def test_killed_search_resumes_to_the_uninterrupted_result(project):
 def test_a_judge_objective_with_tpe_reports_at_the_rungs(project):
     work, env = project
     tune = dict(objective="fid", search="tpe", num_samples=3, objective_per_class=2, objective_sampler="ddim-5")
+    tune |= dict(variants=["lora", "dora"], up_ranks=[2, 4])  # and the variant and the up path's rank
     set_tune(work, "ray_fid", **tune)
     out = tune_stage(work, env)
     assert "; fid " in out
@@ -159,7 +160,9 @@ def test_a_judge_objective_with_tpe_reports_at_the_rungs(project):
     trials = results.load(work / "tune/inverted/trials.json", results.TuneTrials).trials
     assert best.objective == "fid" and best.score == min(t.score for t in trials)
     start = trials[0]  # the domain's own config comes first, with TPE too
-    assert (start.r, start.alpha, start.lr) == (2, 2.0, 0.003)
+    assert (start.r, start.alpha, start.lr, start.variant, start.up_r) == (2, 2.0, 0.003, "lora", 2)
+    assert all(t.variant in ("lora", "dora") and t.up_r in (2, 4) for t in trials)
+    assert best.variant in ("lora", "dora") and best.up_r in (2, 4)
     name = experiment(work / "ray_fid").name
     assert len(mlflow_trials(work, env, name)) == 3
     code = f"""

@@ -28,6 +28,20 @@ from pipelines.core.layout import paths
 
 OBJECTIVES = ("val_loss", "fid", "gan_test")  # fid and gan_test: the domain's judge scores the trial's samples
 SEARCHES = ("random", "tpe")
+VARIANTS = ("lora", "rslora", "dora")  # plain LoRA, rank-stabilised (alpha / sqrt(r)), DoRA
+UP_PATH = r"up\..*"  # the UNet's up path, as a rank_pattern key (module names up.0.attn.w_q, ...)
+
+
+def with_variant(lora, variant: str, up_r: int | None):
+    """A LoraConfig as a Tune trial (or the fine-tune of its best) trains it: the variant, the up path's rank."""
+    pattern = {**lora.rank_pattern, UP_PATH: up_r} if up_r is not None else lora.rank_pattern
+    return replace(lora, use_rslora=variant == "rslora", use_dora=variant == "dora", rank_pattern=pattern)
+
+
+def variant_of(lora) -> str:
+    return "dora" if lora.use_dora else "rslora" if lora.use_rslora else "lora"
+
+
 PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement group strategies
 
 
@@ -50,6 +64,8 @@ class TuneConfig:
     objective_sampler: str = "dpm++2m-10"  # how those images are sampled (a label: ddpm, ddim-N, dpm++2m-N)
     objective_guidance: float = 2.0
     search: str = "random"  # random sampling, or Optuna's TPE ("tpe"); both with ASHA
+    variants: list[str] = field(default_factory=lambda: ["lora"])  # searched among lora, rslora and dora
+    up_ranks: list[int] = field(default_factory=list)  # the up path's own rank, searched ([]: the trial's r)
 
     @property
     def mode(self) -> str:
@@ -84,6 +100,14 @@ class TuneConfig:
         )
         Sampler.parse(self.objective_sampler, guidance_scale=self.objective_guidance, key=f"{key}.objective_sampler")
         _check(self.search in SEARCHES, f"{key}.search", f"must be one of {', '.join(SEARCHES)}")
+        _check(
+            bool(self.variants)
+            and set(self.variants) <= set(VARIANTS)
+            and len(set(self.variants)) == len(self.variants),
+            f"{key}.variants",
+            f"must list each of {', '.join(VARIANTS)} at most once, at least one",
+        )
+        _check(all(1 <= r <= 4096 for r in self.up_ranks), f"{key}.up_ranks", "LoRA ranks must be in [1, 4096]")
 
 
 @dataclass
@@ -218,10 +242,13 @@ class Params:
         """'base' -> the base dataset; a domain's name -> that domain."""
         return self.data.base if name == "base" else self.domain(name)
 
-    def tuned(self, name: str, r: int, alpha: float, lr: float) -> Params:
-        """These params with a domain's LoRA rank, alpha and lr replaced by tuned ones: what its fine-tune ran with."""
+    def tuned(self, name: str, r: int, alpha: float, lr: float, variant: str | None = None, up_r=None) -> Params:
+        """These params with a domain's LoRA rank, alpha and lr (and variant and up-path rank, where Tune searched
+        them) replaced by tuned ones: what its fine-tune ran with."""
         d = self.domain(name)
-        domains = {**self.data.domains, name: replace(d, lora=replace(d.lora, r=r, alpha=alpha))}
+        lora = replace(d.lora, r=r, alpha=alpha)
+        lora = with_variant(lora, variant or variant_of(lora), up_r)
+        domains = {**self.data.domains, name: replace(d, lora=lora)}
         train = replace(self.train, lora=replace(self.train.lora, lr=lr))
         return replace(self, data=replace(self.data, domains=domains), train=train)
 

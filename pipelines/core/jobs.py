@@ -97,8 +97,11 @@ def run_name(job: TrainJob) -> str:
     return f"{job.kind}-{digest}"
 
 
-def job_for(p, kind: str, data: ImageSet, train: TrainConfig, *, base=None, lora=None, threads=None) -> TrainJob:
-    """A job with the run's model, diffusion and seed (p: pipelines.core.config.Params); threads from ray.cpus_per_worker."""
+def job_for(
+    p, kind: str, data: ImageSet, train: TrainConfig, *, base=None, lora=None, threads=None, grid=None
+) -> TrainJob:
+    """A job with the run's model, diffusion and seed (p: pipelines.core.config.Params); threads from
+    ray.cpus_per_worker; `grid`: the sampler of the grids train.sample_every draws (None: no grids)."""
     threads = threads or max(1, int(p.ray.cpus_per_worker))
-    grid = p.sampler if train.sample_every else None
+    grid = grid if train.sample_every else None
     return TrainJob(kind, p.model, p.diffusion, train, data, p.seed, threads, lora, base, grid)

@@ -30,7 +30,7 @@ from cdiff.io import fingerprint
 from cdiff.results import TuneTrial
 from cdiff.schedule import NoiseSchedule
 from cdiff.train import validation_loss
-from pipelines.core.config import Params, TuneConfig
+from pipelines.core.config import Params, TuneConfig, variant_of, with_variant
 from pipelines.core.jobs import TrainJob, build_model, run_name, train_job
 from pipelines.core.layout import paths
 
@@ -57,11 +57,9 @@ def _trial(config: dict, *, job: TrainJob, val_set: ImageSet, t: TuneConfig, use
     torch.set_num_threads(job.threads)
     device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
     r = config["r"]
-    job = dataclasses.replace(
-        job,
-        lora=dataclasses.replace(job.lora, r=r, alpha=config["alpha_ratio"] * r),
-        train=dataclasses.replace(job.train, lr=config["lr"]),
-    )
+    lora = dataclasses.replace(job.lora, r=r, alpha=config["alpha_ratio"] * r)
+    lora = with_variant(lora, config.get("variant", variant_of(lora)), config.get("up_r"))
+    job = dataclasses.replace(job, lora=lora, train=dataclasses.replace(job.train, lr=config["lr"]))
     model = build_model(job).to(device)
     schedule = NoiseSchedule(job.diffusion)
     node = ray.get_runtime_context().get_node_id()
@@ -164,6 +162,10 @@ def search(p: Params, job: TrainJob, val_set: ImageSet, start: dict, judge=None)
         "alpha_ratio": tune.choice(t.alpha_ratios),
         "lr": tune.loguniform(t.lr_min, t.lr_max),
     }
+    if len(t.variants) > 1:
+        space["variant"] = tune.choice(t.variants)
+    if t.up_ranks:
+        space["up_r"] = tune.choice(t.up_ranks)
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's newer console prints its experiment table even at verbose=0
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # state on disk lags a finished trial by 2 s, not 10+
     trainable = tune.with_resources(
@@ -201,7 +203,10 @@ def search(p: Params, job: TrainJob, val_set: ImageSet, start: dict, judge=None)
         df, c, m = result.metrics_dataframe, result.config, result.metrics
         best = df[t.objective].min() if t.mode == "min" else df[t.objective].max()
         alpha, val, steps = c["alpha_ratio"] * c["r"], float(df["val_loss"].min()), int(df["step"].max())
-        trial = TuneTrial(len(found), c["r"], alpha, c["lr"], val, steps, t.objective, float(best))
+        variant = c.get("variant", variant_of(job.lora))
+        trial = TuneTrial(
+            len(found), c["r"], alpha, c["lr"], val, steps, t.objective, float(best), variant, c.get("up_r")
+        )
         keys = ["val_loss", "train_loss"] + (["fid", "gan_test"] if judge else [])
         curves = {k: list(zip(df["step"], df[k], strict=True)) for k in keys}
         tags = {"tune_experiment": name, "tune_trial_id": m["trial_id"], "ray_node": m["node"]}
