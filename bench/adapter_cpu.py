@@ -57,16 +57,7 @@ def main() -> int:
 
     def scored(images, labels) -> dict:
         s = judge_images(judge, images, labels, names, ref, test_set.labels).score
-        return {
-            "fid": s.fid,
-            "fid_interval": s.fid_interval,
-            "fid_raw": s.fid_raw,
-            "kid": s.kid,
-            "kid_std": s.kid_std,
-            "gan_test": s.gan_test,
-            "gan_test_interval": s.gan_test_interval,
-            "count": s.images,
-        }
+        return s.row()  # fid, its interval, fid_raw, kid, gan_test, ..., count
 
     real = balanced_subset(train_set, p.evaluate.fid_per_class, seed=p.seed)
     result["floor"] = scored(real.as_float(), real.labels)

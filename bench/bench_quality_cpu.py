@@ -108,16 +108,7 @@ def step_times(recipes: list[Recipe], model_cfg, data, rounds: int, steps: int) 
 
 def score(judge, images, labels, names, reference_labels, ref_features) -> dict:
     s = judge_images(judge, images, labels, names, ref_features, reference_labels, n_boot=1000).score
-    return {
-        "fid": s.fid,
-        "fid_interval": s.fid_interval,
-        "fid_raw": s.fid_raw,
-        "kid": s.kid,
-        "kid_std": s.kid_std,
-        "gan_test": s.gan_test,
-        "gan_test_interval": s.gan_test_interval,
-        "count": s.images,
-    }
+    return s.row()  # fid, its interval, fid_raw, kid, gan_test, ..., count
 
 
 def model_calls(spec: str, guidance: float, timesteps: int) -> int:

@@ -203,16 +203,7 @@ def sampler_spec(p: Params) -> str:
 def judged(judge, images, labels, data_test, ref_features) -> dict:
     s = judge_images(judge, images, labels, data_test.class_names, ref_features, data_test.labels,
                      n_boot=args_n_boot()).score  # fmt: skip
-    return {
-        "fid": s.fid,
-        "fid_interval": s.fid_interval,
-        "fid_raw": s.fid_raw,
-        "kid": s.kid,
-        "kid_std": s.kid_std,
-        "gan_test": s.gan_test,
-        "gan_test_interval": s.gan_test_interval,
-        "count": s.images,
-    }
+    return s.row()  # fid, its interval, fid_raw, kid, gan_test, ..., count
 
 
 def args_n_boot() -> int:

@@ -36,6 +36,12 @@ class Score:
     cas: float | None = None  # classification accuracy score: a classifier trained on these images, on real test
     cas_interval: list[float] | None = None  # [low, high]: resampling the real test images by class
 
+    def row(self) -> dict:
+        """Its fields as a bench's JSON row (`images` as `count`)."""
+        out = dataclasses.asdict(self)
+        out["count"] = out.pop("images")
+        return out
+
     def shown(self, what: str) -> str:
         """'63.7 [58.2, 70.1]' (FID) or '72.7% [66.0%, 78.9%]' (gan_test): the value and its interval."""
         if what == "kid":

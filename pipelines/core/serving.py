@@ -15,9 +15,6 @@ images `cdiff sample URI --class C --n N --seed S` draws with the same sampler s
 
 from __future__ import annotations
 
-import base64
-import io
-
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature, set_model
@@ -43,17 +40,6 @@ def signature(sampler) -> ModelSignature:
 def input_example(class_name: str, sampler) -> tuple[pd.DataFrame, dict]:
     params = {"guidance": sampler.guidance_scale} | ({"steps": sampler.steps} if sampler.steps is not None else {})
     return pd.DataFrame([{"class": class_name, "n": 1, "seed": 0}]), params
-
-
-def png_base64(pixels) -> str:
-    """(H, W, C) uint8 -> a lossless PNG in base64 (grey for one channel)."""
-    from PIL import Image
-
-    array = pixels.numpy()
-    picture = Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 class CdiffPyfunc(PythonModel):
@@ -94,6 +80,7 @@ class CdiffPyfunc(PythonModel):
         from cdiff.errors import CdiffError
         from cdiff.grid import to_uint8
         from cdiff.samplers import sample
+        from cdiff.serve import png_base64
 
         n, seed = int(row["n"]), int(row["seed"])
         if not 1 <= n <= MAX_IMAGES:
