@@ -10,6 +10,7 @@ model, so a refused adapter leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
@@ -205,69 +206,44 @@ def inject_lora(
     if getattr(model, "_cdiff_lora", None) is not None:
         raise CdiffError("this model already has a LoRA adapter: unload_lora(model) first")
     patterns = {"rank_pattern": dict(rank_pattern or {}), "alpha_pattern": dict(alpha_pattern or {})}
-    LoraConfig(r, alpha, dropout, list(targets), list(extra_trainable), **patterns).validate("lora")
+    options = {"use_rslora": use_rslora, "use_dora": use_dora, **patterns}
+    lora = LoraConfig(r, alpha, dropout, list(targets), list(extra_trainable), **options)
+    lora.validate("lora")
     names = _plan(model, targets, extra_trainable)
     is_meta = any(t.is_meta for t in model.state_dict().values())
-    base_fp = "" if is_meta else fingerprint(model.state_dict())
-    _inject(
-        model,
-        names,
-        r,
-        alpha,
-        dropout,
-        targets,
-        extra_trainable,
-        base_fp,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
-        **patterns,
-    )
+    _inject(model, names, lora, "" if is_meta else fingerprint(model.state_dict()))
     return names
 
 
-def _inject(
-    model,
-    names,
-    r,
-    alpha,
-    dropout,
-    targets,
-    extra_trainable,
-    base_fp: str,
-    *,
-    use_rslora=False,
-    use_dora=False,
-    rank_pattern=None,
-    alpha_pattern=None,
-) -> None:
-    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+def _inject(model, names: list[str], lora: LoraConfig, base_fp: str) -> None:
+    """Wrap `names` with LoRA layers as `lora` says (each layer's own rank and alpha from its patterns)."""
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
         parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-        r_i, alpha_i = pattern_value(name, rank_pattern, r), pattern_value(name, alpha_pattern, alpha)
-        layer = LoRALinear(model.get_submodule(name), r_i, alpha_i, dropout, use_rslora, use_dora)
+        r, alpha = pattern_value(name, lora.rank_pattern, lora.r), pattern_value(name, lora.alpha_pattern, lora.alpha)
+        layer = LoRALinear(model.get_submodule(name), r, alpha, lora.dropout, lora.use_rslora, lora.use_dora)
         setattr(parent, name.rpartition(".")[2], layer)
     saved = {}
-    for extra in extra_trainable:
+    for extra in lora.extra_trainable:
         module = model.get_submodule(extra)
         saved[extra] = {k: v.detach().clone() for k, v in module.state_dict().items()}
         for p in module.parameters():
             p.requires_grad_(True)
     model._cdiff_lora = LoraState(
-        r,
-        float(alpha),
-        float(dropout),
-        list(targets),
-        list(extra_trainable),
+        lora.r,
+        float(lora.alpha),
+        float(lora.dropout),
+        list(lora.targets),
+        list(lora.extra_trainable),
         list(names),
         base_fp,
         saved,
         list(model.prompt.class_names) if hasattr(model, "prompt") else [],
-        use_rslora,
-        use_dora,
-        rank_pattern,
-        alpha_pattern,
+        lora.use_rslora,
+        lora.use_dora,
+        dict(lora.rank_pattern),
+        dict(lora.alpha_pattern),
     )
 
 
@@ -460,13 +436,8 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def _inject_as(model, config: AdapterConfig, names: list[str], base_fp: str, dropout: float) -> None:
-    """Wrap `names` as the adapter `config` describes."""
-    lora = config.lora
-    settings = (lora.r, lora.alpha, dropout, lora.targets, lora.extra_trainable)
-    options = {"use_rslora": lora.use_rslora, "use_dora": lora.use_dora}
-    _inject(
-        model, names, *settings, base_fp, **options, rank_pattern=lora.rank_pattern, alpha_pattern=lora.alpha_pattern
-    )
+    """Wrap `names` as the adapter `config` describes (`dropout` for training on)."""
+    _inject(model, names, dataclasses.replace(config.lora, dropout=dropout), base_fp)
 
 
 def check_base(model, config: AdapterConfig, path) -> str:
