@@ -46,7 +46,7 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 def pattern_value(name: str, pattern: dict, default):
     """A layer's own rank or alpha (PEFT's rank_pattern / alpha_pattern): the value of the first key k of
     `pattern` with re.match(rf"(.*\\.)?{k}$", name), PEFT's rule (a module-name suffix, or a regex such as
-    "ups\\..*\\.w_q" for the up path's queries); `default` where none matches."""
+    "up\\..*\\.w_q" for the up path's queries); `default` where none matches."""
     for key, value in pattern.items():
         if re.match(rf"(.*\.)?{key}$", name):
             return value
@@ -200,7 +200,7 @@ def inject_lora(
     `use_rslora`: scale by alpha / sqrt(r) instead of alpha / r (rank-stabilised LoRA, PEFT's name).
     `use_dora`: DoRA, a trainable magnitude per output row times the direction of W + s·ΔW (PEFT's name).
     `rank_pattern` / `alpha_pattern` (PEFT's names): {module-name pattern: r or alpha} for the layers that
-    take their own (see `pattern_value`), e.g. {"ups\\..*": 8} for a higher rank on the up path.
+    take their own (see `pattern_value`), e.g. {"up\\..*": 8} for a higher rank on the up path.
     Returns the injected module names. A bad target or module is refused before the model is changed.
     """
     if getattr(model, "_cdiff_lora", None) is not None:
