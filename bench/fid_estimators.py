@@ -13,7 +13,6 @@ Prints a table; writes bench/results/fid-estimators.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdiff.bootstrap import _fid_boots, quantiles  # noqa: E402
+from cdiff.io import write_json  # noqa: E402
 from cdiff.metrics import _frechet, fid  # noqa: E402
 
 D, REAL = 64, 10_000
@@ -98,9 +98,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {"true_fid": true, "features": D, "real": REAL, "bootstrap_draws": boots, "rows": rows}
     result["machine"] = platform.processor() or platform.machine()
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)  # atomic; a NaN is refused
     print(f"-> {args.out}")
 
 

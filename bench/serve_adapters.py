@@ -32,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdiff.checkpoint import save_model  # noqa: E402
 from cdiff.config import DiffusionConfig, LoraConfig, ModelConfig, from_dict, read_yaml  # noqa: E402
+from cdiff.io import write_json  # noqa: E402
 from cdiff.lora import inject_lora, lora_layers, save_adapter, unload_lora  # noqa: E402
 from cdiff.model import UNet  # noqa: E402
 from cdiff.samplers import Sampler  # noqa: E402
@@ -117,9 +118,7 @@ def main() -> None:
     result["machine"] = platform.processor() or platform.machine()
     result["torch_threads"] = torch.get_num_threads()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    write_json(args.out, result)  # atomic; a NaN is refused
     print(f"-> {args.out}")
 
 

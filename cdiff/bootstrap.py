@@ -67,6 +67,12 @@ def quantiles(values: torch.Tensor, level: float) -> tuple[float, float]:
     return low, high
 
 
+def _basic(value: float, boots: torch.Tensor, level: float) -> tuple[float, float, float]:
+    """(2 v - median(v*), 2 v - q_hi, 2 v - q_lo): the bias-corrected value, inside the basic interval."""
+    q_lo, q_hi = quantiles(boots, level)
+    return 2 * value - float(boots.median()), 2 * value - q_hi, 2 * value - q_lo
+
+
 def stratified_index(labels: torch.Tensor | None, n: int, draws: int, g: torch.Generator) -> torch.Tensor:
     """(draws, n) indices of `draws` resamples with replacement, each class's members drawn from that class alone
     (all of one class when `labels` is None), in the same positions: resample k holds, at the positions of
@@ -126,9 +132,7 @@ def fid_estimate(
 
     raw = fid(features, real)
     (boots,) = _fid_boots([(features, labels), (real, real_labels)], n_boot, seed)
-    q_lo, q_hi = quantiles(boots, level)
-    median = float(boots.median())
-    value, low, high = (max(2 * raw - q, 0.0) for q in (median, q_hi, q_lo))
+    value, low, high = (max(v, 0.0) for v in _basic(raw, boots, level))  # an FID is never below 0
     return FidEstimate(value, low, high, level, raw)
 
 
@@ -149,9 +153,7 @@ def fid_difference(
 
     d = fid(a[0], real[0]) - fid(b[0], real[0])
     boot_a, boot_b = _fid_boots([a, b, real], n_boot, seed)
-    q_lo, q_hi = quantiles(boot_a - boot_b, level)
-    median = float((boot_a - boot_b).median())
-    return Difference(2 * d - median, 2 * d - q_hi, 2 * d - q_lo, level, lower_is_better=True)
+    return Difference(*_basic(d, boot_a - boot_b, level), level, lower_is_better=True)
 
 
 def accuracy_interval(
