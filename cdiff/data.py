@@ -22,7 +22,16 @@ import torch.nn.functional as F
 import yaml
 
 from cdiff.errors import CdiffError, shown
-from cdiff.io import Artefact, display_path, fingerprint, load_safetensors, read_json, save_safetensors, write_json
+from cdiff.io import (
+    Artefact,
+    display_path,
+    file_sha256,
+    fingerprint,
+    load_safetensors,
+    read_json,
+    save_safetensors,
+    write_json,
+)
 from cdiff.names import check_class_names
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -137,13 +146,7 @@ def _sklearn_digits(split, root, download, size, channels, seed) -> ImageSet:
 def _image_folder(path: str, background: str = "white"):
     def load(split, root, download, size, channels, seed) -> ImageSet:
         folder = Path(path).expanduser()
-        if not folder.is_dir():
-            raise CdiffError(f"image folder not found: {display_path(folder)}")
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not classes:
-            shown_folder = display_path(folder)
-            raise CdiffError(f"image folder {shown_folder} has no class sub-folders: put images in <class>/ folders")
-        check_class_names(classes, f"image folder {display_path(folder)}")
+        classes = _class_folders(folder)
         images, labels = [], []
         for label, name in enumerate(classes):
             files = _image_files(folder / name)
@@ -159,6 +162,33 @@ def _image_folder(path: str, background: str = "white"):
         return _split(full, split, seed)
 
     return load
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class sub-folders of an image folder, sorted: their order gives the labels."""
+    if not folder.is_dir():
+        raise CdiffError(f"image folder not found: {display_path(folder)}")
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        shown_folder = display_path(folder)
+        raise CdiffError(f"image folder {shown_folder} has no class sub-folders: put images in <class>/ folders")
+    check_class_names(classes, f"image folder {display_path(folder)}")
+    return classes
+
+
+def source_files(spec: str) -> dict[str, str]:
+    """What a source reads from the workspace, as {path inside its folder: sha256}: an image folder's images,
+    exactly the files `load_source` reads; nothing for a built-in source (its files come from torchvision or
+    scikit-learn). The pipeline's prepare stages depend on this index of their own source alone."""
+    check_source(spec)
+    if not spec.startswith("imagefolder:"):
+        return {}
+    folder = Path(spec.split(":", 1)[1]).expanduser()
+    return {
+        f"{name}/{file.name}": file_sha256(file)
+        for name in _class_folders(folder)
+        for file in _image_files(folder / name)
+    }
 
 
 def _image_files(folder: Path) -> list[Path]:

@@ -455,6 +455,15 @@ def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, read in blocks; an unreadable file is one line naming it."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError as e:
+        raise CdiffError(f"cannot read {display_path(path)} ({e.strerror or e})") from e
+
+
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     """Refuse, in one line, tensors holding NaN or inf (a diverged training, a corrupt file)."""
     for name, t in tensors.items():

@@ -11,6 +11,7 @@ from cdiff.data import (
     parse_transforms,
     prepare_domain,
     save_imageset,
+    source_files,
 )
 from cdiff.errors import CdiffError
 
@@ -78,6 +79,29 @@ def test_image_folder_error_cases(tmp_path):
     (tmp_path / "hole" / "b").mkdir()
     with pytest.raises(CdiffError, match="has no PNG/JPEG images"):
         load_source(spec, "train", 16, 1)
+
+
+def test_source_files_index_exactly_what_the_loader_reads(tmp_path):
+    import hashlib
+
+    dark, light = (Image.fromarray(np.full((8, 8), v, np.uint8)) for v in (10, 240))
+    spec = _folder(tmp_path, {"a": {"0.png": dark, "1.PNG": light}, "b": {"0.jpg": light.convert("RGB")}})
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "a" / "._0.png").write_bytes(b"macOS resource fork")
+    (tmp_path / ".hidden").mkdir()
+    dark.save(tmp_path / ".hidden" / "x.png")
+    files = source_files(spec)
+    assert sorted(files) == ["a/0.png", "a/1.PNG", "b/0.jpg"]  # the loader's 3 images, nothing it skips
+    assert len(load_source(spec, "train", 8, 1)) + len(load_source(spec, "test", 8, 1)) == len(files)
+    assert files["a/0.png"] == hashlib.sha256((tmp_path / "a" / "0.png").read_bytes()).hexdigest()
+    light.save(tmp_path / "a" / "0.png")  # new pixels under the same name: a new hash, the others kept
+    again = source_files(spec)
+    assert again["a/0.png"] != files["a/0.png"] and {k: again[k] for k in ("a/1.PNG", "b/0.jpg")} == {
+        k: files[k] for k in ("a/1.PNG", "b/0.jpg")
+    }
+    assert source_files("sklearn-digits") == {}  # a built-in source reads nothing from the workspace
+    with pytest.raises(CdiffError, match="image folder not found"):
+        source_files(f"imagefolder:{tmp_path / 'missing'}")
 
 
 def test_single_class_folder_is_allowed(tmp_path):

@@ -85,8 +85,10 @@ def layout_paths(stage: str, L: Layout, base: str) -> tuple[set, set]:
     name, _, item = stage.partition("@")
     d = item or base
     return {
-        "prepare_base": ({L.images}, {L.prepared(base)}),
-        "prepare": ({L.images}, {L.prepared(d)}),
+        "index_base": ({L.images}, {L.image_index(base)}),
+        "index": ({L.images}, {L.image_index(d)}),
+        "prepare_base": ({L.image_index(base)}, {L.prepared(base)}),
+        "prepare": ({L.image_index(d)}, {L.prepared(d)}),
         "pretrain": (
             {L.prepared(base)},
             {L.base_model, L.base_grid, L.pretrain_run, L.pretrain_metrics, L.pretrain_curve},
@@ -163,6 +165,7 @@ def locked_project(tmp_path_factory):
 
     _images(work / "data" / "images" / "pets", 3)
     env = make_project(work, edit)
+    _reindex(work, env)
     run([sys.executable, "-c", LOCK_AS_IT_STANDS], work, env)
     run(["git", "add", "-A"], work, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "lock"], work, env)
@@ -212,16 +215,32 @@ def test_a_change_anywhere_in_the_library_reaches_every_stage(locked_project):
     assert _changed_deps(work, env) == {}
 
 
+def _reindex(work: Path, env: dict) -> None:
+    """Run the index stages alone (seconds): each prepare stage depends on its own dataset's index."""
+    stages = [s for s in run(["dvc", "stage", "list", "--name-only"], work, env).split() if s.startswith("index")]
+    run(["dvc", "repro", "--single-item", *stages], work, env)
+
+
 @pytest.mark.slow
-def test_adding_or_removing_an_image_changes_the_prepare_stages(locked_project):
+def test_a_domains_images_reach_its_own_prepare_stage_alone(locked_project):
     work, env = locked_project
     folder = work / "data" / "images" / "pets"
     _images(folder, 4)  # one more image per class
-    assert "prepare@pets" in _changed_deps(work, env)
+    indexes = {"index_base", "index@inverted", "index@rotated", "index@pets"}
+    assert _changed_deps(work, env) == dict.fromkeys(indexes, {"data/images"})  # each hashes the folder again
+    _reindex(work, env)
+    assert _changed_deps(work, env) == {"prepare@pets": {"data/image_index/pets.json"}}  # not the base's, nor others'
     for extra in folder.glob("*/3.png"):
         extra.unlink()
+    _reindex(work, env)
     assert _changed_deps(work, env) == {}  # back as it was
+    (folder / "cat" / "notes.txt").write_text("not an image: the prepare stage does not read it")
+    _reindex(work, env)
+    assert _changed_deps(work, env) == {}
+    (folder / "cat" / "notes.txt").unlink()
     (folder / "cat" / "0.png").unlink()
-    changed = _changed_deps(work, env)
-    assert changed["prepare@pets"] == {"data/images"}
-    assert set(changed) == {"prepare_base", "prepare@inverted", "prepare@rotated", "prepare@pets"}  # only they read it
+    _reindex(work, env)
+    assert _changed_deps(work, env) == {"prepare@pets": {"data/image_index/pets.json"}}
+    _images(folder, 3)  # the same pixels again
+    _reindex(work, env)
+    assert _changed_deps(work, env) == {}

@@ -45,8 +45,12 @@ class Layout:
 
     @property
     def images(self) -> Path:
-        """Where image-folder domains live (imagefolder:data/images/NAME): every prepare stage depends on it."""
+        """Where image-folder domains live (imagefolder:data/images/NAME): the index stages depend on it."""
         return self.root / "data" / "images"
+
+    def image_index(self, dataset: str) -> Path:
+        """The images one dataset's source reads, with their hashes: its prepare stage depends on this file alone."""
+        return self.root / "data" / "image_index" / f"{dataset}.json"
 
     @property
     def mlflow_db(self) -> Path:
