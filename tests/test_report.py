@@ -43,12 +43,17 @@ def test_a_full_fine_tune_no_better_than_the_base_leaves_the_share_undefined():
     assert "| - |" in pages.goals_table([share])
 
 
-def test_base_goals_use_the_judge_and_the_floor():
-    def evaluation(gan_test, fid):
-        return BaseEvaluation(Score(0.4, 0.9, 40), Score(fid, gan_test, 40), 0.9, "ddim-50", 2.0)
+def test_base_goals_use_the_judge_and_the_raw_floor():
+    def evaluation(gan_test, fid_raw):
+        # bias-corrected, real vs real is about 0 (here -0.1): the floor goal compares the raw FIDs at one count
+        floor = Score(-0.1, 0.9, 40, fid_raw=0.4)
+        return BaseEvaluation(floor, Score(1.5, gan_test, 40, fid_raw=fid_raw), 0.9, "ddim-50", 2.0)
 
     assert [g.met for g in goals.base_goals(evaluation(0.7, 2.5))] == [False, False]  # 0.7 < 0.72; 2.5 > 6 x 0.4
-    assert [g.met for g in goals.base_goals(evaluation(0.8, 2.3))] == [True, True]
+    met = goals.base_goals(evaluation(0.8, 2.3))
+    assert [g.met for g in met] == [True, True] and (met[1].value, met[1].target) == (2.3, pytest.approx(2.4))
+    unmeasured = BaseEvaluation(Score(-0.1, 0.9, 40), Score(1.5, 0.8, 40), 0.9, "ddim-50", 2.0)
+    assert not goals.base_goals(unmeasured)[1].met
 
 
 def test_hostile_class_names_stay_text_in_reports_and_write_only_the_given_file(tmp_path):

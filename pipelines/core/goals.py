@@ -14,8 +14,18 @@ def base_goals(e: BaseEvaluation) -> list[Goal]:
             0.8 * e.judge_test_accuracy,
             e.base.gan_test >= 0.8 * e.judge_test_accuracy,
         ),
-        _goal("FID within 6x of the real-vs-real floor", e.base.fid, 6 * e.floor.fid, e.base.fid <= 6 * e.floor.fid),
+        _floor_goal(e),
     ]
+
+
+def _floor_goal(e: BaseEvaluation) -> Goal:
+    """The floor (real vs real) is a distance of about 0 once bias-corrected, so a ratio to it is undefined:
+    the goal compares the raw FIDs, both measured at the same count and so biased alike."""
+    name = "raw FID within 6x of the real-vs-real raw FID at the same count (the floor)"
+    base, floor = e.base.fid_raw, e.floor.fid_raw
+    if base is None or floor is None:  # not measured: the goal is not met
+        return _goal(name, base, 6 * (floor or 0.0), False)
+    return _goal(name, base, 6 * floor, base <= 6 * floor)
 
 
 def domain_goals(e: DomainEvaluation, full: FullFinetuneResult | None) -> list[Goal]:
