@@ -1,6 +1,6 @@
 """Core benchmark, side by side in one run: training and sampling speed, LoRA overheads, trainable share.
 
-    .venv/bin/python bench/bench_core.py [--quick]
+    .venv/bin/python bench/bench_core.py [--quick] [--variants]   # --variants: channels_last, torch.compile, batch 256
 
 Prints a table and writes bench/results/core.json. Throughputs are also given as achieved GFLOP/s
 and as a share of an SGEMM measured in the same run, since these machines are noisy.
@@ -9,7 +9,6 @@ and as a share of an SGEMM measured in the same run, since these machines are no
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -18,13 +17,26 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdiff.config import DiffusionConfig, LoraConfig
+from cdiff.io import write_json
 from cdiff.lora import inject_lora, merge_lora, trainable_parameter_share, unmerge_lora
 from cdiff.model import UNet
+from cdiff.performance import maybe_compile, to_memory_format
 from cdiff.samplers import Sampler, sample
 from cdiff.schedule import NoiseSchedule
 from pipelines.core.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), or the platform's machine type where there is none."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def sgemm_gflops(n=2048, reps=5) -> float:
@@ -44,13 +56,17 @@ def train_step_flops(model, batch) -> float:
     return counter.get_total_flops()
 
 
-def train_throughput(model, batch, steps) -> float:
+def train_throughput(model, batch, steps, forward=None, channels_last=False, warmup=1) -> float:
+    """Images per second of forward, backward and AdamW step on random inputs (after `warmup` steps)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     x, t, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 1000, (batch,)), torch.randint(0, 10, (batch,))
-    for i in range(steps + 1):
-        if i == 1:
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    forward = forward or model
+    for i in range(steps + warmup):
+        if i == warmup:
             start = time.perf_counter()
-        loss = model(x, t, y).pow(2).mean()
+        loss = forward(x, t, y).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -67,9 +83,21 @@ def forward_time(model, batch, reps) -> float:
     return (time.perf_counter() - start) / reps
 
 
+# --variants: (label, channels_last, torch.compile, batch)
+VARIANTS = [
+    ("eager b128", False, False, 128),
+    ("channels_last b128", True, False, 128),
+    ("compiled b128", False, True, 128),
+    ("compiled channels_last b128", True, True, 128),
+    ("eager b256", False, False, 256),
+    ("compiled b256", False, True, 256),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (a smoke run, noisier numbers)")
+    parser.add_argument("--variants", action="store_true", help="also time channels_last, torch.compile, batch 256")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "core.json")
     args = parser.parse_args()
     reps = 2 if args.quick else 6
@@ -119,6 +147,15 @@ def main() -> None:
     rows["DDIM-50 speed-up over DDPM-1000"] = ddpm / ddim
     rows["SGEMM GFLOP/s (ceiling)"] = sgemm
     rows["train base share of SGEMM"] = rows["train base GFLOP/s"] / sgemm
+    if args.variants:  # cdiff's speed switches on this CPU, side by side with an SGEMM measured between them
+        for name, channels_last, compiled, batch in VARIANTS:
+            torch.manual_seed(0)
+            net = to_memory_format(UNet(p.model), channels_last)
+            forward = maybe_compile(net, compiled, dynamic=False)
+            ips = train_throughput(net, batch, reps, forward, channels_last, warmup=3 if compiled else 1)
+            ceiling = sgemm_gflops()
+            rows[f"train {name} img/s"] = ips
+            rows[f"train {name} share of SGEMM"] = ips * base_flops / 1e9 / ceiling
 
     targets = {
         "merged / base inference time": ("<= 1.03", rows["merged / base inference time"] <= 1.03),
@@ -131,7 +168,7 @@ def main() -> None:
         print(f"{k:40s} {v:12.4g}  {target}")
     result = {
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
         },
@@ -140,7 +177,7 @@ def main() -> None:
         "targets": {k: {"target": t, "met": bool(m)} for k, (t, m) in targets.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 
