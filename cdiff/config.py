@@ -77,6 +77,7 @@ class DiffusionConfig:
 
 PREDICTIONS = ("eps", "v", "x0")
 PRECISIONS = ("fp32", "bf16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 @dataclass
@@ -93,6 +94,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; for GPUs: on a CPU without native bf16 it is far slower)
     channels_last: bool = False  # NHWC memory format (faster convolutions on GPUs)
     compile: bool = False  # torch.compile the model (falls back to eager if compiling fails); GPUs, long runs
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead: CUDA graphs of forward and backward
+    noise_on_device: bool = (
+        False  # draw t and noise on the training device (no host work; numbers then differ by device)
+    )
     sample_every: int = 0  # the pipeline logs a seeded sample grid every this many steps (a multiple of
     # checkpoint_every; 0: none): MLflow's image slider shows the model learning
 
@@ -106,6 +111,7 @@ class TrainConfig:
         _check(0 <= self.grad_clip <= 1e6, f"{key}.grad_clip", "must be in [0, 1e6] (0 turns clipping off)")
         _check(0 <= self.ema_decay < 1, f"{key}.ema_decay", "must be in [0, 1)")
         _check(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {', '.join(PRECISIONS)}")
+        _check_compile_mode(self.compile_mode, f"{key}.compile_mode")
         _range(self.sample_every, 0, 10**8, f"{key}.sample_every")
         _check(
             self.sample_every % self.checkpoint_every == 0,
@@ -200,12 +206,14 @@ class SampleConfig:
     batch_size: int = 250  # images per sampling batch (thousands fill a GPU)
     precision: str = "fp32"  # fp32 | bf16 (autocast of the network; the sampler's update stays fp32)
     compile: bool = False  # torch.compile the network for sampling (falls back to eager if compiling fails)
+    compile_mode: str = "default"  # torch.compile's mode; reduce-overhead: the network's call as a CUDA graph
 
     def validate(self, key: str = "sample") -> None:
         # sampler, steps, eta and guidance_scale are checked by cdiff.samplers.Sampler.from_config, beside the kinds
         _range(self.per_class, 1, 1024, f"{key}.per_class")
         _range(self.batch_size, 1, 1_000_000, f"{key}.batch_size")
         _check(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {', '.join(PRECISIONS)}")
+        _check_compile_mode(self.compile_mode, f"{key}.compile_mode")
 
 
 @dataclass
@@ -389,6 +397,10 @@ def _join(key: str, name: str) -> str:
 def _check(ok, key: str, msg: str) -> None:
     if not ok:
         raise CdiffError(f"{key}: {msg}")
+
+
+def _check_compile_mode(mode: str, key: str) -> None:
+    _check(mode in COMPILE_MODES, key, f"must be one of {', '.join(COMPILE_MODES)}")
 
 
 def _range(value: int, least: int, most: int, key: str) -> None:

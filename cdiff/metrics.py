@@ -150,12 +150,13 @@ def generate(
     batch_size: int = 250,
     precision: str = "fp32",
     compile: bool = False,
+    compile_mode: str = "default",
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`per_class` samples of each class, in seeded batches: (images in [-1, 1], their class ids).
 
     `precision` 'bf16' runs the network under autocast and `compile` compiles it once for all batches
-    (for GPUs; the sampler's update stays float32).
+    (for GPUs; the sampler's update stays float32), in torch.compile's `compile_mode`.
     """
     from tqdm.auto import tqdm
 
@@ -163,7 +164,7 @@ def generate(
     from cdiff.samplers import sample
 
     if precision != "fp32" or compile:
-        model = InferenceModel(model, precision, compile)
+        model = InferenceModel(model, precision, compile, compile_mode)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     device = next(model.parameters()).device
     chunks = []

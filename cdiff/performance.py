@@ -63,9 +63,16 @@ class CompiledOrEager:
         return getattr(self.module, name)
 
 
-def maybe_compile(module: nn.Module, enabled: bool, **compile_kwargs):
-    """`module` itself, or a CompiledOrEager wrapper of it."""
-    return CompiledOrEager(module, **compile_kwargs) if enabled else module
+def maybe_compile(module: nn.Module, enabled: bool, mode: str = "default", **compile_kwargs):
+    """`module` itself, or a CompiledOrEager wrapper of it, compiled in `mode` (torch.compile's).
+
+    mode "reduce-overhead" replays the compiled forward (and, in training, backward) as CUDA graphs: one
+    launch per graph instead of one per kernel, what a small model on a large GPU needs. On a CPU the mode
+    only picks inductor's options; there are no graphs to capture.
+    """
+    if not enabled:
+        return module
+    return CompiledOrEager(module, **({} if mode == "default" else {"mode": mode}), **compile_kwargs)
 
 
 class InferenceModel(nn.Module):
@@ -74,10 +81,10 @@ class InferenceModel(nn.Module):
     Samplers only call model(x, t, y) and read model.prompt / model.config, which this forwards.
     """
 
-    def __init__(self, model: nn.Module, precision: str = "fp32", compile: bool = False):
+    def __init__(self, model: nn.Module, precision: str = "fp32", compile: bool = False, compile_mode: str = "default"):
         super().__init__()
         self.model, self.precision = model, precision
-        self._forward = maybe_compile(model, compile, dynamic=False)
+        self._forward = maybe_compile(model, compile, compile_mode, dynamic=False)
 
     @property
     def prompt(self):

@@ -51,12 +51,16 @@ def apply_ema(model, shadow: dict[str, torch.Tensor]) -> None:
         params[n].copy_(v.to(params[n].device))
 
 
-def step_noise(step: int, seed: int, batch_size: int, image_shape, timesteps: int):
-    """(t, noise, u) for the global batch of `step`: u decides label dropout."""
-    g = torch.Generator().manual_seed(derive_seed(seed, step + 1, NOISE))
-    t = torch.randint(0, timesteps, (batch_size,), generator=g)
-    noise = torch.randn((batch_size, *image_shape), generator=g)
-    u = torch.rand(batch_size, generator=g)
+def step_noise(step: int, seed: int, batch_size: int, image_shape, timesteps: int, device="cpu"):
+    """(t, noise, u) for the global batch of `step`, drawn on `device`: u decides label dropout.
+
+    Drawn on the CPU (the default), the numbers are the same on any training device; drawn on a GPU
+    they come from its own generator (the same on every run of that kind of device), with no host work.
+    """
+    g = torch.Generator(device=device).manual_seed(derive_seed(seed, step + 1, NOISE))
+    t = torch.randint(0, timesteps, (batch_size,), generator=g, device=device)
+    noise = torch.randn((batch_size, *image_shape), generator=g, device=device)
+    u = torch.rand(batch_size, generator=g, device=device)
     return t, noise, u
 
 
@@ -132,7 +136,10 @@ def train(
     images, labels = data.as_float().to(device), data.labels.to(device)  # the data lives on the device
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    network = maybe_compile(model, cfg.compile)
+    network = maybe_compile(model, cfg.compile, mode=cfg.compile_mode)
+    trainable = [p for p in core.parameters() if p.requires_grad]
+    draw_on = device if cfg.noise_on_device else "cpu"
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad norm]) on the device, read at the next sync
     model.train()
     bar = tqdm(total=cfg.steps, initial=state.step, desc="train", disable=not progress or rank != 0, leave=False)
     while state.step < cfg.steps:
@@ -141,8 +148,8 @@ def train(
         mine = slice(rank, None, world_size)  # this worker's share of the global batch
         index = plan.global_batch(step)[mine].to(device, non_blocking=True)
         t, noise, u = (
-            v[mine].to(device, non_blocking=True)  # drawn on the CPU: the same numbers on any device
-            for v in step_noise(step, seed, cfg.batch_size, images.shape[1:], schedule.timesteps)
+            v[mine].to(device, non_blocking=True)
+            for v in step_noise(step, seed, cfg.batch_size, images.shape[1:], schedule.timesteps, draw_on)
         )
         x0, y = images[index], labels[index]
         for group in state.optimizer.param_groups:
@@ -151,14 +158,18 @@ def train(
             loss = diffusion_loss(network, schedule, x0, y, t, noise, u, p_uncond, core.prompt.null_id)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        trainable = [p for p in core.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        _stop_if_diverged(step, loss, grad_norm)  # before the step: no NaN reaches the weights or a checkpoint
+        pending.append((step, torch.stack([loss.detach().float(), grad_norm.detach().float()])))
+        logs = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
+        saves = on_checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
+        if logs or saves:  # the only host sync: before this step's update, so a NaN here never reaches the weights
+            _stop_if_diverged(pending)
+            pending.clear()
         state.optimizer.step()
         state.ema.update(core, step)
         state.step += 1
         bar.update(1)
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:  # the only host sync of a step
+        if logs:
             value = loss.detach()
             if world_size > 1 and dist.is_initialized():
                 dist.all_reduce(value)
@@ -167,7 +178,7 @@ def train(
             bar.set_postfix(loss=f"{value.item():.4f}")
             if on_log:
                 on_log(state.step, {"loss": value.item(), "lr": learning_rate(cfg, step)})
-        if on_checkpoint and (state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps):
+        if saves:
             on_checkpoint(state)
     bar.close()
     state.ema.copy_to(core)
@@ -177,12 +188,22 @@ def train(
     return state
 
 
-def _stop_if_diverged(step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-    """One line naming the step when the loss or the gradients go NaN/inf. The gradients are all-reduced,
-    so every DDP worker sees the same norm and stops at the same step."""
-    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+def _stop_if_diverged(pending: list[tuple[int, torch.Tensor]]) -> None:
+    """One line naming the first step whose loss or gradients went NaN/inf since the last sync.
+
+    Steps between syncs (log and checkpoint steps) are checked there, with one read of the device: a NaN
+    may reach the weights in memory for a few steps, never a checkpoint, a logged loss or a result. The
+    gradients are all-reduced, so every DDP worker sees the same norm and stops at the same step.
+    """
+    if not pending:
+        return
+    values = torch.stack([v for _, v in pending]).cpu()
+    bad = (~torch.isfinite(values).all(dim=1)).nonzero()
+    if len(bad):
+        i = int(bad[0])
+        loss, norm = values[i].tolist()
         raise CdiffError(
-            f"training diverged at step {step + 1} (loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}): "
+            f"training diverged at step {pending[i][0] + 1} (loss {loss:.4g}, gradient norm {norm:.4g}): "
             "lower the learning rate (or LoRA alpha); nothing was saved"
         )
 

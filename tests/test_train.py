@@ -139,7 +139,36 @@ def test_a_non_finite_loss_stops_training_naming_the_step(schedule, grad_clip):
             on_checkpoint=lambda s: checkpoints.append(s.step),
         )
     assert "\n" not in str(err.value) and checkpoints == [1, 2]
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad step never reached the weights
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # checked before its update: weights intact
+
+
+def test_a_non_finite_step_between_syncs_is_named_and_never_saved(schedule):
+    """The host reads the losses only at log and checkpoint steps: a NaN at step 3 is found at step 4, named
+    as step 3, and stops the run before step 4's checkpoint, log or update."""
+    torch.manual_seed(0)
+    model, data = UNet(tiny_config()), _toy_data()
+    calls = []
+
+    def blow_up(module, args, output):
+        calls.append(1)
+        return output * float("nan") if len(calls) == 3 else output
+
+    model.head.register_forward_hook(blow_up)
+    cfg = TrainConfig(steps=8, batch_size=8, warmup_steps=0, checkpoint_every=4, log_every=4)
+    checkpoints, logs = [], []
+    with pytest.raises(CdiffError, match=r"training diverged at step 3 \(loss nan"):
+        train(
+            model,
+            schedule,
+            data,
+            cfg,
+            seed=0,
+            p_uncond=0.1,
+            progress=False,
+            on_checkpoint=lambda s: checkpoints.append(s.step),
+            on_log=lambda step, m: logs.append(step),
+        )
+    assert checkpoints == [] and logs == [] and len(calls) == 4  # it ran step 4's forward, then stopped
 
 
 def test_v_prediction_with_min_snr_learns(schedule):

@@ -83,6 +83,7 @@ class Scorer:
             batch_size=s.batch_size,
             precision=s.precision,
             compile=s.compile,
+            compile_mode=s.compile_mode,
             progress=progress,
         )
         return self._judge(images, labels, time.perf_counter() - start, cas)
