@@ -83,7 +83,7 @@ def mlflow_trials(work: Path, env: dict, name: str) -> list[dict]:
 import json, mlflow
 mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
 runs = mlflow.search_runs(experiment_names=["cdiff-test"], filter_string="tags.tune_experiment = '{name}'")
-cols = ["tags.tune_trial_id", "tags.mlflow.parentRunId", "status", "params.r", "params.lr"]
+cols = ["tags.tune_trial_id", "tags.mlflow.parentRunId", "status", "params.r", "params.lr", "tags.ray_gpu_share"]
 print(json.dumps(runs[cols].to_dict("records")))
 """
     return json.loads(run([sys.executable, "-c", code], work, env).strip().splitlines()[-1])
@@ -183,3 +183,31 @@ print(json.dumps({{r: {{k: [m.step for m in c.get_metric_history(r, k)] for k in
     # the searcher Tune saved beside the trials is OptunaSearch with Optuna's TPE sampler (read as bytes, not unpickled)
     (state,) = experiment(work / "ray_fid").glob("searcher-state-*.pkl")
     assert b"_ot_study" in state.read_bytes() and b"optuna.samplers._tpe" in state.read_bytes()
+
+
+def test_trials_share_a_gpu_side_by_side(project):
+    """tune.trials_per_gpu 2 on a Ray instance told it has one GPU (this machine has none, so the trials train on
+    the CPU): each trial holds half of it, and the two run at the same time, not one after the other."""
+    work, env = project
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    ray_before = dict(params["ray"])
+    params["ray"].update(use_gpu=True, num_gpus=1)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:  # one rung at the end (grace = the budget): ASHA stops neither trial early
+        set_tune(work, "ray_packed", num_samples=2, max_concurrent=2, trials_per_gpu=2, steps_per_trial=60)
+        set_tune(work, "ray_packed", grace_period=60, eval_every=10)
+        tune_stage(work, env)
+    finally:
+        params = yaml.safe_load((work / "params.yaml").read_text())
+        params["ray"] = ray_before
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    spans = []
+    for f in sorted((work / "ray_packed").glob("tune-*/_trial_*/result.json")):
+        rows = [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+        assert rows and all(r["gpu_share"] == 0.5 for r in rows), f
+        spans.append((rows[0]["timestamp"] - rows[0]["time_total_s"], rows[-1]["timestamp"]))
+    assert len(spans) == 2
+    # timestamps are whole seconds: more than 1 s of overlap cannot come from trials run one after the other
+    assert min(end for _, end in spans) - max(start for start, _ in spans) > 1, spans
+    logged = mlflow_trials(work, env, experiment(work / "ray_packed").name)
+    assert len(logged) == 2 and {r["tags.ray_gpu_share"] for r in logged} == {"0.5"}

@@ -66,6 +66,7 @@ class TuneConfig:
     search: str = "random"  # random sampling, or Optuna's TPE ("tpe"); both with ASHA
     variants: list[str] = field(default_factory=lambda: ["lora"])  # searched among lora, rslora and dora
     up_ranks: list[int] = field(default_factory=list)  # the up path's own rank, searched ([]: the trial's r)
+    trials_per_gpu: int = 1  # with ray.use_gpu: trials that share one GPU (each takes 1/n of it), run side by side
 
     @property
     def mode(self) -> str:
@@ -108,6 +109,7 @@ class TuneConfig:
             f"must list each of {', '.join(VARIANTS)} at most once, at least one",
         )
         _check(all(1 <= r <= 4096 for r in self.up_ranks), f"{key}.up_ranks", "LoRA ranks must be in [1, 4096]")
+        _check(1 <= self.trials_per_gpu <= 64, f"{key}.trials_per_gpu", "must be in [1, 64]")
 
 
 @dataclass
@@ -141,6 +143,7 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     num_cpus: int = 2  # size of the local Ray instance when RAY_ADDRESS is unset
+    num_gpus: int | None = None  # GPUs of that local instance (None: the ones Ray finds)
     storage_path: str = "ray_results"
     max_failures: int = 2
     placement_strategy: str = "PACK"  # of Ray Train's workers: SPREAD puts them on different nodes where it can
@@ -149,6 +152,7 @@ class RayConfig:
         _check(self.num_workers >= 1, f"{key}.num_workers", "must be at least 1")
         _check(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", "must be > 0")
         _check(self.num_cpus >= 1, f"{key}.num_cpus", "must be at least 1")
+        _check(self.num_gpus is None or 0 <= self.num_gpus <= 1024, f"{key}.num_gpus", "must be in [0, 1024] or null")
         _check(self.max_failures >= -1, f"{key}.max_failures", "must be >= -1 (-1: retry forever)")
         _check(
             self.placement_strategy in PLACEMENTS,

@@ -83,6 +83,7 @@ def session(p: Params):
         ray.init(  # "local": a new instance of its own, never a `ray start` cluster found running on this machine
             address="local",
             num_cpus=p.ray.num_cpus,
+            num_gpus=p.ray.num_gpus,
             include_dashboard=False,
             runtime_env=runtime_env,
             configure_logging=False,

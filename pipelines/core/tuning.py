@@ -38,7 +38,7 @@ from pipelines.core.layout import paths
 class TrialFound(NamedTuple):
     trial: TuneTrial
     curves: dict[str, list[tuple[int, float]]]  # val_loss, train_loss (and fid, gan_test for a judge objective)
-    tags: dict[str, str]  # the Tune experiment, the trial's id in it and the Ray node it ran on
+    tags: dict[str, str]  # the Tune experiment, the trial's id in it, the Ray node it ran on, its GPU share
 
 
 def rungs(t: TuneConfig, max_t: int) -> list[int]:
@@ -63,6 +63,7 @@ def _trial(config: dict, *, job: TrainJob, val_set: ImageSet, t: TuneConfig, use
     model = build_model(job).to(device)
     schedule = NoiseSchedule(job.diffusion)
     node = ray.get_runtime_context().get_node_id()
+    share = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))  # of one GPU, as Ray gave it
     due = rungs(t, job.train.steps) if judge else []
 
     def report(step: int, metrics: dict) -> None:
@@ -71,7 +72,7 @@ def _trial(config: dict, *, job: TrainJob, val_set: ImageSet, t: TuneConfig, use
         while due and step >= due[0]:
             due.pop(0)
         val = validation_loss(model, schedule, val_set, t.val_images, seed=job.seed, device=device)
-        result = {"val_loss": val, "train_loss": metrics["loss"], "step": step, "node": node}
+        result = {"val_loss": val, "train_loss": metrics["loss"], "step": step, "node": node, "gpu_share": share}
         if judge:
             scorer, sampler = judge
             score = scorer.model(model, schedule, sampler, t.objective_per_class, progress=False).score
@@ -135,6 +136,12 @@ def experiment_name(p: Params, job: TrainJob, val_set: ImageSet, start: dict, ju
     return f"tune-{run_name(job)}-{hashlib.sha256(json.dumps(search, sort_keys=True).encode()).hexdigest()[:8]}"
 
 
+def trial_resources(p: Params) -> dict[str, float]:
+    """One CPU per trial and, on GPUs, 1/trials_per_gpu of one: a small model leaves a card mostly idle, so
+    several trials share it (Ray packs them by fractional GPU resources)."""
+    return {"cpu": 1, "gpu": 1 / p.tune.trials_per_gpu if p.ray.use_gpu else 0}
+
+
 def _searcher(t: TuneConfig, start: dict, seed: int):
     """Random sampling or Optuna's TPE, both seeded, trial 0 the domain's own config, `max_concurrent` at once."""
     if t.search == "tpe":
@@ -170,7 +177,7 @@ def search(p: Params, job: TrainJob, val_set: ImageSet, start: dict, judge=None)
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # state on disk lags a finished trial by 2 s, not 10+
     trainable = tune.with_resources(
         tune.with_parameters(_trial, job=job, val_set=val_set, t=t, use_gpu=p.ray.use_gpu, judge=judge),
-        {"cpu": 1, "gpu": 1 if p.ray.use_gpu else 0},
+        trial_resources(p),
     )
     name = experiment_name(p, job, val_set, start, fingerprint(judge[0].judge.state_dict()) if judge else None)
     storage = paths.ray_storage(p.ray.storage_path)
@@ -210,5 +217,6 @@ def search(p: Params, job: TrainJob, val_set: ImageSet, start: dict, judge=None)
         keys = ["val_loss", "train_loss"] + (["fid", "gan_test"] if judge else [])
         curves = {k: list(zip(df["step"], df[k], strict=True)) for k in keys}
         tags = {"tune_experiment": name, "tune_trial_id": m["trial_id"], "ray_node": m["node"]}
+        tags["ray_gpu_share"] = str(m.get("gpu_share", 0.0))  # a search restored from before this tag: 0
         found.append(TrialFound(trial, curves, tags))
     return found
