@@ -98,14 +98,16 @@ def model_channels(model) -> int:
     return model.config.channels if hasattr(model, "config") else 1
 
 
-def train_rate(model, batch: int, device: str, precision: str, channels_last: bool, compile: bool, steps: int):
-    """(img/s, compile seconds or None) of full training steps (loss, backward, AdamW) on synthetic data."""
+def train_rate(model, batch: int, device: str, precision: str, channels_last: bool, compile, steps: int):
+    """(img/s, compile seconds or None) of full training steps (loss, backward, AdamW) on synthetic data.
+
+    compile: False, True (torch.compile's default mode) or a mode name ("reduce-overhead": CUDA graphs)."""
     model = model.to(device).train()
     if channels_last:
         model.to(memory_format=torch.channels_last)
     schedule = NoiseSchedule(PARAMS.diffusion)
     optimizer = make_optimizer([q for q in model.parameters() if q.requires_grad], 1e-4, 0.0)
-    network = maybe_compile(model, compile)
+    network = maybe_compile(model, bool(compile), compile if isinstance(compile, str) else "default")
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(batch, 1, 28, 28, device=device, generator=g)
     if channels_last:
@@ -169,9 +171,13 @@ def part_throughput(args, p: Params) -> dict:
     modes = [("cdiff", "fp32", False, False), ("cdiff", "bf16", True, False), ("seed", "fp32", False, False)]
     modes += [("seed", "bf16", True, False)]
     if not args.smoke or args.smoke_compile:
-        modes += [("cdiff", "bf16", True, True)]
+        modes += [("cdiff", "bf16", True, True), ("cdiff", "bf16", True, "reduce-overhead")]
+    modes = [(*m, batch) for m in modes]
+    if not args.smoke or args.smoke_compile:  # bigger batches, CUDA graphs: what fills the card (issue 16)
+        modes += [("cdiff", "bf16", True, "reduce-overhead", b) for b in args.big_batches]
+        modes += [("seed", "bf16", True, False, max(args.big_batches))]  # the seed design at the same batch
     rows = []
-    for name, precision, channels_last, compile in modes:
+    for name, precision, channels_last, compile, batch in modes:
         torch.manual_seed(0)
         model = UNet(p.model) if name == "cdiff" else seed_unet_like(n_params)
         rate, compile_s = train_rate(model, batch, device, precision, channels_last, compile, args.timing_steps)
@@ -190,10 +196,50 @@ def part_throughput(args, p: Params) -> dict:
                 "share_of_bf16_peak": tflops / args.peak_tflops if args.peak_tflops else None,
             }
         )
-        print(f"  {name:<6}{precision:<5} cl={channels_last!s:<5} compile={compile!s:<5} {rate:>9.0f} img/s "
+        print(f"  {name:<6}{precision:<5} cl={channels_last!s:<5} compile={compile!s:<15} b={batch:<5} {rate:>9.0f} img/s "
               f"{tflops:7.2f} TFLOP/s" + (f"  compile {compile_s:.0f} s" if compile_s else ""), flush=True)  # fmt: skip
     best = {m: max(r["img_per_s"] for r in rows if r["model"] == m) for m in ("cdiff", "seed")}
-    return {"params": n_params, "rows": rows, "best_cdiff_over_best_seed": best["cdiff"] / best["seed"]}
+    big = max(r["batch"] for r in rows)
+    same = {m: max(r["img_per_s"] for r in rows if r["model"] == m and r["batch"] == big) for m in ("cdiff", "seed")}
+    return {
+        "params": n_params,
+        "rows": rows,
+        "best_cdiff_over_best_seed": best["cdiff"] / best["seed"],
+        f"cdiff_over_seed_at_batch_{big}": same["cdiff"] / same["seed"],
+        "loop": loop_rate(p, device, args),
+    }
+
+
+def loop_rate(p: Params, device: str, args) -> dict:
+    """img/s of cdiff.train.train itself (its host work, draws and syncs included) with the profile's base recipe
+    and the GPU switches (compile reduce-overhead, noise on the device): two runs of n and 3n steps after a
+    warm-up run, the difference between them over 2n steps (compile and set-up cancel out)."""
+    from cdiff.data import ImageSet
+
+    n = max(2, args.timing_steps)
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (60_000, 1, 28, 28), dtype=torch.uint8, generator=g),
+                    torch.arange(60_000) % 10, [str(i) for i in range(10)])  # fmt: skip
+    schedule = NoiseSchedule(p.diffusion)
+    out = {}
+    for label, switches in (("base recipe", {}), ("gpu switches", {"compile": True, "compile_mode": "reduce-overhead",
+                                                                   "noise_on_device": True})):  # fmt: skip
+        if args.smoke and not args.smoke_compile:
+            switches = {k: v for k, v in switches.items() if k == "noise_on_device"}
+        seconds = []
+        for steps in (n, n, 3 * n):
+            cfg = dataclasses.replace(p.train.base, steps=steps, log_every=n, checkpoint_every=10**8, **switches)
+            torch.manual_seed(0)
+            model = UNet(p.model, data.class_names).to(device)
+            sync(device)
+            start = time.perf_counter()
+            train(model, schedule, data, cfg, seed=0, p_uncond=0.1, device=device, progress=False)
+            sync(device)
+            seconds.append(time.perf_counter() - start)
+        rate = 2 * n * p.train.base.batch_size / max(seconds[2] - seconds[1], 1e-9)
+        out[label] = {"img_per_s": rate, "first_run_s": seconds[0], **switches}
+        print(f"  train() {label:<13} {rate:>9.0f} img/s (first run {seconds[0]:.0f} s)", flush=True)
+    return out
 
 
 def sampler_spec(p: Params) -> str:
@@ -310,6 +356,8 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default: from its name)")
     parser.add_argument("--timing-steps", type=int, default=20)
+    parser.add_argument("--big-batches", type=lambda v: [int(b) for b in v.split(",")], default=[2048, 8192],
+                        help="batches of the CUDA-graph rows (comma-separated)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: checks the code paths only")
     parser.add_argument("--smoke-compile", action="store_true", help="with --smoke: compile too (minutes on a CPU)")
     parser.add_argument("--out", type=Path)
