@@ -1,9 +1,22 @@
 """The report's pieces: quality goals from result records, Markdown tables and figures with hostile class names."""
 
+from dataclasses import replace
+from itertools import takewhile
+
 import pytest
 
 from cdiff.names import safe_names
-from cdiff.results import BaseEvaluation, DomainEvaluation, FullFinetuneResult, Goal, Score
+from cdiff.results import (
+    BaseEvaluation,
+    BaseSummary,
+    DomainEvaluation,
+    DomainSummary,
+    FullFinetuneResult,
+    Goal,
+    PretrainResult,
+    RunSummary,
+    Score,
+)
 from pipelines.core import figures, goals, pages
 
 HOSTILE = ["../../x", "<script>alert(1)</script>", "a|b", "T-shirt/top"]
@@ -54,6 +67,37 @@ def test_base_goals_use_the_judge_and_the_raw_floor():
     assert [g.met for g in met] == [True, True] and (met[1].value, met[1].target) == (2.3, pytest.approx(2.4))
     unmeasured = BaseEvaluation(Score(-0.1, 0.9, 40), Score(1.5, 0.8, 40), 0.9, "ddim-50", 2.0)
     assert not goals.base_goals(unmeasured)[1].met
+
+
+def summary_rows(page: str) -> dict[str, dict[str, str]]:
+    """The summary table of reports/report.md: domain -> column -> cell, as written (Markdown escapes kept)."""
+    lines = page.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| domain |"))
+    header = lines[start].strip("| ").split(" | ")
+    rows = [line.strip("| ").split(" | ") for line in takewhile(lambda line: line.startswith("|"), lines[start + 2 :])]
+    assert all(len(r) == len(header) for r in rows)
+    return {r[0]: dict(zip(header, r, strict=True)) for r in rows}
+
+
+def test_the_summary_table_gives_the_floor_and_base_fids_with_their_intervals():
+    scored = replace(
+        domain_evaluation(),
+        floor=Score(1.0, 0.9, 40, fid_interval=[0.25, 2.5]),
+        base=Score(10.0, 0.3, 40, fid_interval=[8.5, 11.5]),
+        adapter=Score(4.0, 0.75, 40, fid_interval=[3.5, 4.5]),
+    )
+    unscored = replace(domain_evaluation(), floor=None, base=None, adapter=None, judge_note="one class")
+    base = BaseEvaluation(Score(0.1, 0.9, 40), Score(1.5, 0.8, 40), 0.9, "ddim-50", 2.0)
+    run = RunSummary(
+        "ddim-50, 4 samples per class",
+        BaseSummary(PretrainResult(0.1, 0.1, 10), base, []),
+        {"scored": DomainSummary(scored, 1e-3, None, []), "unscored": DomainSummary(unscored, 1e-3, None, [])},
+    )
+    rows = summary_rows(pages.index_page("fashion", run))
+    assert rows["scored"]["FID floor"] == "1 \\[0.25, 2.5\\]"
+    assert rows["scored"]["FID base"] == "10 \\[8.5, 11.5\\]"
+    assert rows["scored"]["FID adapter"] == "4 \\[3.5, 4.5\\]"
+    assert [rows["unscored"][c] for c in ("FID floor", "FID base", "FID adapter")] == ["n/a"] * 3
 
 
 def test_hostile_class_names_stay_text_in_reports_and_write_only_the_given_file(tmp_path):

@@ -65,8 +65,9 @@ def _compared(c) -> str:
     return "n/a" if c is None else c.shown()
 
 
-def _fid(score) -> float | str:
-    return "n/a" if score is None else score.fid
+def _fid(score) -> str:
+    """FID with its interval ("n/a": no judge score)."""
+    return "n/a" if score is None else score.shown("fid")
 
 
 def _sweep(points: list[SweepPoint], over: str) -> str:
@@ -157,8 +158,9 @@ def index_page(dataset: str, summary: RunSummary) -> str:
     rows = [
         [
             name,
-            *(_fid(d.evaluation.floor), _fid(d.evaluation.base)),
-            _both(d.evaluation.adapter)[0],
+            _fid(d.evaluation.floor),
+            _fid(d.evaluation.base),
+            _fid(d.evaluation.adapter),
             _compared(d.evaluation.adapter_vs_base_fid),
             d.full.score.shown("fid") if d.full else None,
             _compared(d.adapter_vs_full_fid) if d.full else None,
