@@ -162,7 +162,7 @@ def train(
         pending.append((step, torch.stack([loss.detach().float(), grad_norm.detach().float()])))
         logs = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps
         saves = on_checkpoint is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps)
-        if logs or saves:  # the only host sync: before this step's update, so a NaN here never reaches the weights
+        if logs or saves or len(pending) == 1_000:  # the only host sync: before this step's update
             _stop_if_diverged(pending)
             pending.clear()
         state.optimizer.step()
