@@ -104,6 +104,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _adapter_option(parser: argparse.ArgumentParser, parse, metavar: str, help: str, required: bool = False) -> None:
+    """The repeatable --adapter of sample, merge and serve: each use appends parse(ADAPTER) to args.adapters."""
+    parser.add_argument(
+        "--adapter", dest="adapters", type=parse, action="append", required=required, metavar=metavar, help=help
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cdiff",
@@ -124,13 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_source,
         help="model folder (config.json + model.safetensors) or model URI; an adapter's URI alone brings its base",
     )
-    s.add_argument(
-        "--adapter",
-        dest="adapters",
-        type=_weighted_source,
-        action="append",
-        metavar="ADAPTER[:WEIGHT]",
-        help="LoRA adapter folder or URI to apply (merged for zero-overhead sampling); repeat with :WEIGHT "
+    _adapter_option(
+        s,
+        _weighted_source,
+        "ADAPTER[:WEIGHT]",
+        "LoRA adapter folder or URI to apply (merged for zero-overhead sampling); repeat with :WEIGHT "
         "(any finite number, default 1) to apply the weighted sum of several adapters' deltas",
     )
     s.add_argument(
@@ -181,13 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "adapter", type=_weighted_source, nargs="?", help="adapter folder or URI, trained on that base (or --adapter)"
     )
-    m.add_argument(
-        "--adapter",
-        dest="adapters",
-        type=_weighted_source,
-        action="append",
-        metavar="ADAPTER[:WEIGHT]",
-        help="an adapter of a weighted mix, with its weight (any finite number, default 1); repeat for several",
+    _adapter_option(
+        m,
+        _weighted_source,
+        "ADAPTER[:WEIGHT]",
+        "an adapter of a weighted mix, with its weight (any finite number, default 1); repeat for several",
     )
     m.add_argument("-o", "--output", type=_path, required=True, help="output model folder (new, or see --overwrite)")
     m.add_argument("--overwrite", action="store_true", help="replace an existing model folder at the output path")
@@ -229,14 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
         "merged into a copy of the base once and kept in an LRU cache; the base is never reloaded. See cdiff.serve.",
     )
     v.add_argument("model", type=_source, help="base model folder or URI")
-    v.add_argument(
-        "--adapter",
-        dest="adapters",
-        type=_named_source,
-        action="append",
+    _adapter_option(
+        v,
+        _named_source,
+        "NAME=ADAPTER",
+        "an adapter folder or URI under the name requests use; repeat for each",
         required=True,
-        metavar="NAME=ADAPTER",
-        help="an adapter folder or URI under the name requests use; repeat for each",
     )
     v.add_argument("--sampler", choices=list(KINDS), default="dpm++2m", help="the sampler (default dpm++2m)")
     v.add_argument("--steps", type=_positive_int, default=20, help="DDIM/DPM++ steps (default 20)")
