@@ -324,9 +324,9 @@ print(code, sorted(m for m in sys.modules if m.split(".")[0] in ("pipelines", "r
     ],
 )
 def test_adapter_weights_parse_only_a_number_after_the_last_colon(text, expected):
-    from cdiff.cli import _weighted_source
+    from cdiff.cli.arguments import weighted_source
 
-    assert _weighted_source(text) == expected
+    assert weighted_source(text) == expected
 
 
 @pytest.fixture

@@ -180,7 +180,7 @@ def test_the_cli_the_library_and_params_share_one_default_sampler():
 
     import yaml
 
-    from cdiff.cli import build_parser
+    from cdiff.cli.parser import build_parser
     from cdiff.config import SampleConfig
     from cdiff.samplers import DEFAULT
 

@@ -1,0 +1,5 @@
+import sys
+
+from cdiff.cli import main
+
+sys.exit(main())
