@@ -103,6 +103,8 @@ def test_info_and_merge(model_dir, capsys):
         (["--eta", "inf"], "must be a finite number, got inf"),
         (["--n", "1000"], "must be at most 256"),
         (["--seed", "-1"], "must be at least 0"),
+        (["--n", "9" * 400], "must be at most 256"),  # too large for a float: refused, not an OverflowError
+        (["--seed", "9" * 30], "must be at most 4294967295"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(model_dir, capsys, extra, message):
@@ -117,6 +119,12 @@ def test_missing_paths_exit_2_without_traceback(model_dir, capsys):
     assert main(["info", str(model_dir / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(line.startswith("cdiff: error:") for line in err)
+
+
+def test_a_home_of_no_such_user_is_one_line(capsys):
+    assert main(["info", "~no-such-user-cdiff/model"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'~no-such-user-cdiff' names no home folder on this machine" in err and len(err.splitlines()) == 1
 
 
 def test_train_writes_a_loadable_model(tmp_path):

@@ -21,7 +21,7 @@ def bounded(kind: type, least: float, most: float):
             raise argparse.ArgumentTypeError(
                 f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
             ) from None
-        if not math.isfinite(value):
+        if kind is not int and not math.isfinite(value):  # an int is finite, and may be too large for a float
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {text}")
@@ -35,7 +35,10 @@ def bounded(kind: type, least: float, most: float):
 def path(text: str) -> Path:
     if "\x00" in text or not text:
         raise argparse.ArgumentTypeError(f"expected a path, got {text!r}")
-    return Path(text).expanduser()
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:  # ~user of no such user
+        raise argparse.ArgumentTypeError(f"{text.split('/')[0]!r} names no home folder on this machine") from None
 
 
 def source(text: str) -> str | Path:
