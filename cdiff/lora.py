@@ -165,7 +165,7 @@ class LoraState:
     saved_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # nn.Linear name -> its base weight
 
 
-def _plan(model, targets, extra_trainable) -> list[str]:
+def plan_injection(model, targets, extra_trainable) -> list[str]:
     """The nn.Linear names to wrap; checks every target and extra module before anything is changed."""
     modules = dict(model.named_modules())
     names = [
@@ -209,13 +209,13 @@ def inject_lora(
     options = {"use_rslora": use_rslora, "use_dora": use_dora, **patterns}
     lora = LoraConfig(r, alpha, dropout, list(targets), list(extra_trainable), **options)
     lora.validate("lora")
-    names = _plan(model, targets, extra_trainable)
+    names = plan_injection(model, targets, extra_trainable)
     is_meta = any(t.is_meta for t in model.state_dict().values())
-    _inject(model, names, lora, "" if is_meta else fingerprint(model.state_dict()))
+    inject_layers(model, names, lora, "" if is_meta else fingerprint(model.state_dict()))
     return names
 
 
-def _inject(model, names: list[str], lora: LoraConfig, base_fp: str) -> None:
+def inject_layers(model, names: list[str], lora: LoraConfig, base_fp: str) -> None:
     """Wrap `names` with LoRA layers as `lora` says (each layer's own rank and alpha from its patterns)."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -261,7 +261,8 @@ def unmerge_lora(model) -> None:
         layer.unmerge()
 
 
-def _state(model) -> LoraState:
+def lora_state(model) -> LoraState:
+    """What inject_lora (or load_adapter) left on the model; a CdiffError where it carries no adapter."""
     state = getattr(model, "_cdiff_lora", None)
     if state is None:
         raise CdiffError("this model has no LoRA adapter: inject_lora or load_adapter first")
@@ -270,7 +271,7 @@ def _state(model) -> LoraState:
 
 def unload_lora(model) -> None:
     """Remove the adapter: put back the exact base layers, extra modules and class names."""
-    state = _state(model)
+    state = lora_state(model)
     for name in state.injected:
         layer = model.get_submodule(name)
         layer.unmerge()
@@ -290,7 +291,7 @@ def unload_lora(model) -> None:
 
 def merge_and_unload(model) -> None:
     """Fold the adapter in for good: the model becomes a plain standalone model with the adapted weights."""
-    state = _state(model)
+    state = lora_state(model)
     for name in state.injected:
         layer = model.get_submodule(name)
         layer.merge()
@@ -304,7 +305,7 @@ def merge_and_unload(model) -> None:
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     """Only what the adapter owns: lora_A/lora_B of each wrapped layer, plus the extra trainable modules."""
-    state = _state(model)
+    state = lora_state(model)
     if state.mix:
         raise CdiffError("this model carries a weighted mix of adapters, not one adapter: merge_and_unload it instead")
     out = {}
@@ -367,7 +368,7 @@ def save_adapter(model, path, class_names: list[str] | None = None, *, overwrite
 
     An existing adapter folder at `path` is replaced only with `overwrite=True`; NaN/inf tensors are refused.
     """
-    state = _state(model)
+    state = lora_state(model)
     adapter_state_dict(model)  # refuses a mix before its config is built
     config = AdapterConfig(
         r=state.r,
@@ -424,7 +425,7 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
     with on_meta():
         skeleton = UNet(parsed.base_model)
         try:
-            names = _plan(skeleton, parsed.target_modules, parsed.extra_trainable)
+            names = plan_injection(skeleton, parsed.target_modules, parsed.extra_trainable)
         except CdiffError as e:
             raise CdiffError(f"adapter {display_path(path)} does not fit its base model: {e}") from e
         _inject_as(skeleton, parsed, names, base_fp="", dropout=0.0)
@@ -437,7 +438,7 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _inject_as(model, config: AdapterConfig, names: list[str], base_fp: str, dropout: float) -> None:
     """Wrap `names` as the adapter `config` describes (`dropout` for training on)."""
-    _inject(model, names, dataclasses.replace(config.lora, dropout=dropout), base_fp)
+    inject_layers(model, names, dataclasses.replace(config.lora, dropout=dropout), base_fp)
 
 
 def check_base(model, config: AdapterConfig, path) -> str:
