@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from cdiff.adapter_format import load_adapter, save_adapter
 from cdiff.checkpoint import load_model, save_model
 from cdiff.config import DiffusionConfig, ModelConfig, TrainConfig
 from cdiff.data import load_source
-from cdiff.lora import inject_lora, load_adapter, merge_lora, save_adapter, unload_lora
+from cdiff.lora import inject_lora, merge_lora, unload_lora
 from cdiff.model import UNet
 from cdiff.samplers import Sampler, sample
 from cdiff.schedule import NoiseSchedule

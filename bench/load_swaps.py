@@ -18,10 +18,11 @@ from pathlib import Path
 import psutil
 import torch
 
+from cdiff.adapter_format import load_adapter
 from cdiff.checkpoint import load_model
 from cdiff.errors import CdiffError
 from cdiff.io import write_json
-from cdiff.lora import load_adapter, merge_lora
+from cdiff.lora import merge_lora
 from cdiff.samplers import Sampler, sample
 
 

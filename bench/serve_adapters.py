@@ -30,10 +30,11 @@ from threading import Thread
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from cdiff.adapter_format import save_adapter  # noqa: E402
 from cdiff.checkpoint import save_model  # noqa: E402
 from cdiff.config import DiffusionConfig, LoraConfig, ModelConfig, from_dict, read_yaml  # noqa: E402
 from cdiff.io import write_json  # noqa: E402
-from cdiff.lora import inject_lora, lora_layers, save_adapter, unload_lora  # noqa: E402
+from cdiff.lora import inject_lora, lora_layers, unload_lora  # noqa: E402
 from cdiff.model import UNet  # noqa: E402
 from cdiff.samplers import Sampler  # noqa: E402
 from cdiff.serve import AdapterServer, http_server  # noqa: E402

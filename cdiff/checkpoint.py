@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
+from cdiff.adapter_format import ADAPTER, read_adapter
 from cdiff.config import DiffusionConfig, ModelConfig, from_dict, to_dict
 from cdiff.errors import CdiffError, shown
 from cdiff.io import Artefact, display_path
-from cdiff.lora import ADAPTER, read_adapter
 from cdiff.model import UNet
 from cdiff.names import check_class_names
 from cdiff.schedule import NoiseSchedule

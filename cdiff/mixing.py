@@ -16,18 +16,9 @@ from pathlib import Path
 
 import torch
 
+from cdiff.adapter_format import AdapterConfig, check_base, parse_adapter_config, read_adapter
 from cdiff.errors import CdiffError, shown
-from cdiff.lora import (
-    AdapterConfig,
-    LoraState,
-    check_base,
-    dora_weight,
-    lora_delta,
-    lora_scaling,
-    parse_adapter_config,
-    read_adapter,
-    unload_lora,
-)
+from cdiff.lora import LoraState, dora_weight, lora_delta, lora_scaling, unload_lora
 from cdiff.model import UNet
 from cdiff.sources import resolve
 from cdiff.weights import on_meta

@@ -88,7 +88,7 @@ def export_peft(adapter, path, *, overwrite: bool = False) -> None:
 
     An existing PEFT adapter folder at `path` is replaced only with `overwrite=True`; anything else never.
     """
-    from cdiff.lora import parse_adapter_config, read_adapter
+    from cdiff.adapter_format import parse_adapter_config, read_adapter
     from cdiff.sources import resolve
 
     source = resolve(adapter, "adapter")
@@ -135,7 +135,7 @@ def read_peft_folder(path) -> tuple[dict[str, torch.Tensor], dict]:
             f"{display_path(weights)} has no cdiff metadata (the base model and its fingerprint): cdiff loads "
             "the PEFT folders that `cdiff export-peft` writes"
         )
-    from cdiff.lora import ADAPTER
+    from cdiff.adapter_format import ADAPTER
 
     config = parse_json(metadata["cdiff"], f"the cdiff metadata of {display_path(weights)}")
     version = config.get("version")

@@ -40,8 +40,8 @@ class AdapterServer:
     """The base model (loaded once) and named adapters of it; `draw` answers one request."""
 
     def __init__(self, base: str | Path, adapters: dict[str, str | Path], sampler: Sampler, cache: int = 16):
+        from cdiff.adapter_format import check_base, parse_adapter_config, read_adapter
         from cdiff.checkpoint import load_model
-        from cdiff.lora import check_base, parse_adapter_config, read_adapter
         from cdiff.sources import resolve
 
         if cache < 1:
@@ -70,7 +70,8 @@ class AdapterServer:
             start = time.perf_counter()
             model = copy.deepcopy(self.base)
             if len(mix) == 1 and mix[0][1] == 1.0:  # one adapter at weight 1: as `cdiff sample --adapter` merges it
-                from cdiff.lora import load_adapter, merge_lora
+                from cdiff.adapter_format import load_adapter
+                from cdiff.lora import merge_lora
 
                 load_adapter(model, self.adapters[mix[0][0]])
                 merge_lora(model)

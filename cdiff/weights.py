@@ -1,6 +1,6 @@
 """Weights folders: tensors (safetensors) + a JSON config carrying their fingerprint, written and read with checks.
 
-Models (cdiff.checkpoint), adapters (cdiff.lora) and judges (cdiff.judge) are such folders. Saving
+Models (cdiff.checkpoint), adapters (cdiff.adapter_format) and judges (cdiff.judge) are such folders. Saving
 goes through the output-path policy and refuses NaN/inf; loading checks the format, the fingerprint,
 that every value is finite and (`check_fits`) that the tensors fit the module the config describes.
 """

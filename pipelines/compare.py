@@ -16,11 +16,12 @@ import argparse
 import pandas as pd
 from tqdm import tqdm
 
+from cdiff.adapter_format import load_adapter
 from cdiff.checkpoint import load_model
 from cdiff.errors import CdiffError
 from cdiff.grid import sample_picture, save_picture, side_by_side
 from cdiff.io import PNG, check_output, display_path
-from cdiff.lora import load_adapter, merge_lora
+from cdiff.lora import merge_lora
 from cdiff.results import DomainEvaluation, FinetuneResult
 from pipelines.core import registry, serving, tracking
 from pipelines.core.config import Params, params

@@ -8,9 +8,10 @@ version with the lowest FID of its domain gets the `champion` alias.
 import sys
 
 from cdiff import results
+from cdiff.adapter_format import load_adapter, read_adapter_config
 from cdiff.checkpoint import load_model
 from cdiff.data import load_imageset
-from cdiff.lora import adapter_state_dict, load_adapter, merge_lora, read_adapter_config
+from cdiff.lora import adapter_state_dict, merge_lora
 from cdiff.metrics import NotComputable
 from cdiff.train import validation_loss
 from pipelines.core import registry, tracking

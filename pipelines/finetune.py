@@ -7,9 +7,10 @@ the configured ones (data.domains.DOMAIN.lora.r/alpha, train.lora.lr).
 import sys
 
 from cdiff import results
+from cdiff.adapter_format import save_adapter
 from cdiff.checkpoint import load_model
 from cdiff.data import load_imageset
-from cdiff.lora import save_adapter, trainable_parameter_share
+from cdiff.lora import trainable_parameter_share
 from cdiff.train import validation_loss
 from pipelines.core import distributed, registry, tracking
 from pipelines.core.config import params

@@ -3,9 +3,10 @@
 import sys
 from functools import partial
 
+from cdiff.adapter_format import load_adapter, read_adapter_config
 from cdiff.checkpoint import load_model
 from cdiff.grid import sample_grid
-from cdiff.lora import load_adapter, merge_lora, read_adapter_config
+from cdiff.lora import merge_lora
 from pipelines.core import tracking
 from pipelines.core.config import params
 from pipelines.core.console import stage, summary

@@ -23,10 +23,11 @@ from hypothesis.control import currently_in_test_context
 from PIL import Image
 
 from cdiff import results
+from cdiff.adapter_format import save_adapter
 from cdiff.checkpoint import load_model, save_model
 from cdiff.cli import main
 from cdiff.config import DiffusionConfig
-from cdiff.lora import inject_lora, save_adapter, unload_lora
+from cdiff.lora import inject_lora, unload_lora
 from cdiff.model import UNet
 from tests.conftest import tiny_config
 

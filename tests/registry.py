@@ -19,9 +19,10 @@ import pytest
 import torch
 
 from cdiff import results
+from cdiff.adapter_format import save_adapter
 from cdiff.checkpoint import save_model
 from cdiff.config import DiffusionConfig
-from cdiff.lora import inject_lora, lora_layers, save_adapter
+from cdiff.lora import inject_lora, lora_layers
 from cdiff.model import UNet
 from cdiff.samplers import Sampler
 from tests.conftest import tiny_config

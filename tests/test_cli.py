@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cdiff.adapter_format import save_adapter
 from cdiff.checkpoint import save_model
 from cdiff.cli import main
 from cdiff.config import DiffusionConfig
-from cdiff.lora import inject_lora, save_adapter, unload_lora
+from cdiff.lora import inject_lora, unload_lora
 
 
 @pytest.fixture

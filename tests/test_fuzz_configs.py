@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
+from cdiff.adapter_format import load_adapter
 from cdiff.checkpoint import load_model
 from cdiff.errors import CdiffError
 from cdiff.io import fingerprint
-from cdiff.lora import load_adapter
 from tests.fuzzing import FUZZ, NASTY_VALUES, assert_contract, copy_of, make_workspace, run_cli, tree
 from tests.test_lora import _same, _snapshot
 

@@ -4,15 +4,14 @@ import pytest
 import torch
 from torch import nn
 
+from cdiff.adapter_format import load_adapter, save_adapter
 from cdiff.errors import CdiffError
 from cdiff.lora import (
     LoRALinear,
     inject_lora,
-    load_adapter,
     lora_layers,
     merge_and_unload,
     merge_lora,
-    save_adapter,
     trainable_parameter_share,
     unload_lora,
     unmerge_lora,

@@ -2,16 +2,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cdiff.adapter_format import load_adapter, save_adapter
 from cdiff.errors import CdiffError
-from cdiff.lora import (
-    inject_lora,
-    load_adapter,
-    lora_layers,
-    merge_and_unload,
-    merge_lora,
-    save_adapter,
-    unload_lora,
-)
+from cdiff.lora import inject_lora, lora_layers, merge_and_unload, merge_lora, unload_lora
 from cdiff.mixing import load_adapters
 from cdiff.model import UNet
 from cdiff.samplers import Sampler, sample

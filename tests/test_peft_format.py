@@ -4,9 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cdiff.adapter_format import load_adapter, read_adapter_config, save_adapter
 from cdiff.cli import main
 from cdiff.errors import CdiffError
-from cdiff.lora import inject_lora, load_adapter, lora_layers, read_adapter_config, save_adapter, unload_lora
+from cdiff.lora import inject_lora, lora_layers, unload_lora
 from cdiff.mixing import load_adapters
 from cdiff.model import UNet
 from cdiff.peft_format import export_peft

@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cdiff.adapter_format import load_adapter, save_adapter
 from cdiff.config import LoraConfig
 from cdiff.errors import CdiffError
-from cdiff.lora import inject_lora, load_adapter, lora_layers, pattern_value, save_adapter, unload_lora
+from cdiff.lora import inject_lora, lora_layers, pattern_value, unload_lora
 from cdiff.mixing import load_adapters
 from cdiff.model import UNet
 from cdiff.peft_format import export_peft

@@ -19,10 +19,11 @@ import torch
 import yaml
 from PIL import Image
 
+from cdiff.adapter_format import load_adapter
 from cdiff.checkpoint import load_model
 from cdiff.cli import main
 from cdiff.grid import grid_image, panel_label_width, to_uint8
-from cdiff.lora import load_adapter, merge_lora
+from cdiff.lora import merge_lora
 from cdiff.samplers import sample
 from tests.fuzzing import visible_lines
 from tests.helpers import free_port

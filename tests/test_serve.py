@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cdiff.adapter_format import load_adapter, save_adapter
 from cdiff.checkpoint import load_model, save_model
 from cdiff.config import DiffusionConfig
 from cdiff.errors import CdiffError
 from cdiff.grid import to_uint8
-from cdiff.lora import inject_lora, load_adapter, merge_lora, save_adapter, unload_lora
+from cdiff.lora import inject_lora, merge_lora, unload_lora
 from cdiff.mixing import load_adapters
 from cdiff.model import UNet
 from cdiff.samplers import Sampler, sample

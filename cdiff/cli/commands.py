@@ -71,7 +71,8 @@ def _say(text: str) -> None:
 def _apply(model, adapters: list[Path], weights: list[float]) -> None:
     """Merge the adapters into the model: one at weight 1 as `load_adapter` does (the same pixels as serving),
     else their weighted mix (cdiff.mixing)."""
-    from cdiff.lora import load_adapter, merge_lora
+    from cdiff.adapter_format import load_adapter
+    from cdiff.lora import merge_lora
     from cdiff.mixing import load_adapters
 
     if weights == [1.0]:
@@ -105,8 +106,8 @@ def _mix(adapters) -> tuple[list, list[float]]:
 def _resolved(output, artefact, model, adapters, *, overwrite=False) -> tuple[Path, list[Path]]:
     """The local folders of a model and its adapters (URIs resolved: downloaded, for MLflow's), with the output
     path checked before any download and again after: never onto, into or above an input or a downloaded folder."""
+    from cdiff.adapter_format import ADAPTER_CONFIG
     from cdiff.io import check_output
-    from cdiff.lora import ADAPTER_CONFIG
     from cdiff.sources import resolve
 
     check_output(output, artefact, overwrite=overwrite, inputs=[s for s in (model, *adapters) if not is_uri(s)])

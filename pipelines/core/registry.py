@@ -24,10 +24,10 @@ import mlflow
 
 import cdiff
 from cdiff import results
+from cdiff.adapter_format import read_adapter_config
 from cdiff.checkpoint import read_model_config
 from cdiff.config import to_dict
 from cdiff.errors import CdiffError
-from cdiff.lora import read_adapter_config
 from cdiff.metrics import JudgedFeatures
 from cdiff.samplers import Sampler
 from pipelines.core.config import Params

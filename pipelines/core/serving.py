@@ -46,8 +46,9 @@ class CdiffPyfunc(PythonModel):
     """Loads the base (and adapter, merged) once; `predict` samples each row with its own seed."""
 
     def load_context(self, context) -> None:
+        from cdiff.adapter_format import load_adapter
         from cdiff.checkpoint import load_model
-        from cdiff.lora import load_adapter, merge_lora
+        from cdiff.lora import merge_lora
         from cdiff.samplers import Sampler
 
         self.model, self.schedule, _ = load_model(context.artifacts[BASE])
