@@ -45,6 +45,7 @@ def row(run: tracking.StageRun | None, ft: FinetuneResult | None, ev: DomainEval
         "test_loss_base": ev.test_loss_base if ev else None,
         "test_loss_adapter": ev.test_loss_adapter if ev else None,
         "fid_base": ev.base.fid if ev and ev.base else None,
+        "fid_base_95": ev.base.fid_interval if ev and ev.base else None,
         "fid_adapter": adapter.fid if adapter else None,
         "fid_adapter_95": adapter.fid_interval if adapter else None,
         "adapter_minus_base_fid": vs_base.shown() if vs_base else None,  # paired: its interval and verdict

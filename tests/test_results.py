@@ -1,5 +1,6 @@
 """Result records: one JSON form, read back typed; NaN refused; the run summary `cdiff compare` reads."""
 
+import dataclasses
 import json
 import math
 
@@ -74,7 +75,7 @@ def test_cdiff_compare_prints_one_row_per_domain(tmp_path, capsys):
     results.save(tmp_path / "summary.json", run_summary())
     assert cdiff_main(["compare", str(tmp_path / "summary.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[:4] == ["domain", "fid_floor", "fid_base", "fid_adapter"]
+    assert lines[0].split()[:5] == ["domain", "fid_floor", "fid_floor_95", "fid_base", "fid_base_95"]
     assert lines[1].split()[0] == "digits" and lines[1].split()[-1] == "1/2"
     assert cdiff_main(["compare", str(tmp_path / "summary.json"), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -82,6 +83,26 @@ def test_cdiff_compare_prints_one_row_per_domain(tmp_path, capsys):
     results.save(tmp_path / "summary.json", run_summary(with_full=True))
     assert cdiff_main(["compare", str(tmp_path / "summary.json"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["fid_full"] == 2.0
+
+
+def test_cdiff_compare_gives_every_fid_its_interval(tmp_path, capsys):
+    run = run_summary()
+    domain = run.domains["digits"]
+    ev = dataclasses.replace(
+        domain.evaluation,
+        floor=results.Score(1.0, 0.9, 40, [0.0, 2.5]),
+        base=results.Score(10.0, 0.3, 40, [8.5, 11.5]),
+        adapter=results.Score(4.0, 0.75, 40, [3.5, 4.5]),
+    )
+    run = dataclasses.replace(run, domains={"digits": dataclasses.replace(domain, evaluation=ev)})
+    results.save(tmp_path / "summary.json", run)
+    assert cdiff_main(["compare", str(tmp_path / "summary.json"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert (row["fid_floor_95"], row["fid_base_95"], row["fid_adapter_95"]) == ([0.0, 2.5], [8.5, 11.5], [3.5, 4.5])
+    assert cdiff_main(["compare", str(tmp_path / "summary.json")]) == 0
+    header, line = capsys.readouterr().out.splitlines()[:2]
+    assert header.split()[:5] == ["domain", "fid_floor", "fid_floor_95", "fid_base", "fid_base_95"]
+    assert "[8.5, 11.5]" in line
 
 
 def test_cdiff_compare_without_a_run_or_with_an_old_summary_is_one_line(tmp_path, capsys):

@@ -22,7 +22,9 @@ def cmd_compare(args) -> None:
         {
             "domain": name,
             "fid_floor": of(d.evaluation.floor, "fid"),
+            "fid_floor_95": of(d.evaluation.floor, "fid_interval"),
             "fid_base": of(d.evaluation.base, "fid"),
+            "fid_base_95": of(d.evaluation.base, "fid_interval"),
             "fid_adapter": of(d.evaluation.adapter, "fid"),
             "fid_adapter_95": of(d.evaluation.adapter, "fid_interval"),
             "adapter_minus_base_fid": d.evaluation.adapter_vs_base_fid.shown()
