@@ -17,7 +17,7 @@ def _run(schedule, device: str, **switches) -> tuple[list[float], dict[str, torc
     model, data = UNet(tiny_config()).to(device), _toy_data()
     cfg = TrainConfig(steps=4, batch_size=8, warmup_steps=0, log_every=1, **switches)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)  # "torch.compile failed, running eager" fails the test
+        warnings.filterwarnings("error", message="torch.compile failed")  # a fallback to eager fails the test
         state = train(model, schedule, data, cfg, seed=0, p_uncond=0.1, device=device, progress=False)
     return [v for _, v in state.losses], {k: v.cpu() for k, v in model.state_dict().items()}
 
