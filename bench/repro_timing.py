@@ -1,6 +1,7 @@
 """Where the default run's time goes: `make repro` from a fresh clone, timed end to end and stage by stage.
 
     .venv/bin/python bench/repro_timing.py                 # clone HEAD into a temp folder, run make repro there
+    .venv/bin/python bench/repro_timing.py --keep DIR      # clone into DIR (new) and keep it: its outputs to commit
     .venv/bin/python bench/repro_timing.py --log FILE      # read a log already stamped "EPOCH LINE" instead
 
 The clone's output is stamped line by line with the second it arrived. A stage's time runs from DVC's
@@ -63,8 +64,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--log", type=Path, help="a stamped log to read instead of running (EPOCH LINE per line)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "repro-cpu.json")
+    parser.add_argument("--keep", type=Path, help="clone into this new folder and keep it (the log beside it)")
     args = parser.parse_args()
-    if args.log is None:
+    if args.keep is not None:
+        if args.keep.exists():
+            raise SystemExit(f"{args.keep} exists: name a new folder")
+        args.keep.mkdir(parents=True)
+        log = args.keep / "repro.log"
+        stamped_run(args.keep / "clone", log)
+        timing = stage_times(log.read_text().splitlines())
+    elif args.log is None:
         with tempfile.TemporaryDirectory() as tmp:
             log = Path(tmp) / "repro.log"
             stamped_run(Path(tmp) / "clone", log)
