@@ -114,49 +114,19 @@ def test_lora_dropout_training_is_reproducible(schedule):
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
-def test_a_non_finite_loss_stops_training_naming_the_step(schedule, grad_clip):
+def _diverging_run(schedule, cfg, bad: float, match: str):
+    """Train a model whose third forward pass is multiplied by `bad` (inf or nan), as a diverging run would be;
+    returns (model, forward calls, checkpointed steps, logged steps, the error)."""
     torch.manual_seed(0)
     model, data = UNet(tiny_config()), _toy_data()
-    calls = []
-
-    def blow_up(module, args, output):  # the third forward pass goes to inf, as a diverging run would
-        calls.append(1)
-        return output * float("inf") if len(calls) == 3 else output
-
-    model.head.register_forward_hook(blow_up)
-    cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=0, checkpoint_every=1, log_every=1, grad_clip=grad_clip)
-    checkpoints = []
-    with pytest.raises(CdiffError, match=r"training diverged at step 3 \(loss inf") as err:
-        train(
-            model,
-            schedule,
-            data,
-            cfg,
-            seed=0,
-            p_uncond=0.1,
-            progress=False,
-            on_checkpoint=lambda s: checkpoints.append(s.step),
-        )
-    assert "\n" not in str(err.value) and checkpoints == [1, 2]
-    assert all(torch.isfinite(p).all() for p in model.parameters())  # checked before its update: weights intact
-
-
-def test_a_non_finite_step_between_syncs_is_named_and_never_saved(schedule):
-    """The host reads the losses only at log and checkpoint steps: a NaN at step 3 is found at step 4, named
-    as step 3, and stops the run before step 4's checkpoint, log or update."""
-    torch.manual_seed(0)
-    model, data = UNet(tiny_config()), _toy_data()
-    calls = []
+    calls, checkpoints, logs = [], [], []
 
     def blow_up(module, args, output):
         calls.append(1)
-        return output * float("nan") if len(calls) == 3 else output
+        return output * bad if len(calls) == 3 else output
 
     model.head.register_forward_hook(blow_up)
-    cfg = TrainConfig(steps=8, batch_size=8, warmup_steps=0, checkpoint_every=4, log_every=4)
-    checkpoints, logs = [], []
-    with pytest.raises(CdiffError, match=r"training diverged at step 3 \(loss nan"):
+    with pytest.raises(CdiffError, match=match) as err:
         train(
             model,
             schedule,
@@ -168,6 +138,26 @@ def test_a_non_finite_step_between_syncs_is_named_and_never_saved(schedule):
             on_checkpoint=lambda s: checkpoints.append(s.step),
             on_log=lambda step, m: logs.append(step),
         )
+    return model, calls, checkpoints, logs, err.value
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_a_non_finite_loss_stops_training_naming_the_step(schedule, grad_clip):
+    cfg = TrainConfig(steps=6, batch_size=8, warmup_steps=0, checkpoint_every=1, log_every=1, grad_clip=grad_clip)
+    model, _, checkpoints, _, err = _diverging_run(
+        schedule, cfg, float("inf"), r"training diverged at step 3 \(loss inf"
+    )
+    assert "\n" not in str(err) and checkpoints == [1, 2]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # checked before its update: weights intact
+
+
+def test_a_non_finite_step_between_syncs_is_named_and_never_saved(schedule):
+    """The host reads the losses only at log and checkpoint steps: a NaN at step 3 is found at step 4, named
+    as step 3, and stops the run before step 4's checkpoint, log or update."""
+    cfg = TrainConfig(steps=8, batch_size=8, warmup_steps=0, checkpoint_every=4, log_every=4)
+    _, calls, checkpoints, logs, _ = _diverging_run(
+        schedule, cfg, float("nan"), r"training diverged at step 3 \(loss nan"
+    )
     assert checkpoints == [] and logs == [] and len(calls) == 4  # it ran step 4's forward, then stopped
 
 
