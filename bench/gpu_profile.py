@@ -212,7 +212,7 @@ def part_throughput(args, p: Params) -> dict:
 
 def loop_rate(p: Params, device: str, args) -> dict:
     """img/s of cdiff.train.train itself (its host work, draws and syncs included) with the profile's base recipe
-    and the GPU switches (compile reduce-overhead, noise on the device): two runs of n and 3n steps after a
+    with its noise drawn on the CPU, and with the GPU switches (compile reduce-overhead, noise on the device): two runs of n and 3n steps after a
     warm-up run, the difference between them over 2n steps (compile and set-up cancel out)."""
     from cdiff.data import ImageSet
 
@@ -222,7 +222,7 @@ def loop_rate(p: Params, device: str, args) -> dict:
                     torch.arange(60_000) % 10, [str(i) for i in range(10)])  # fmt: skip
     schedule = NoiseSchedule(p.diffusion)
     out = {}
-    for label, switches in (("base recipe", {}), ("gpu switches", {"compile": True, "compile_mode": "reduce-overhead",
+    for label, switches in (("base recipe", {"noise_on_device": False}), ("gpu switches", {"compile": True, "compile_mode": "reduce-overhead",
                                                                    "noise_on_device": True})):  # fmt: skip
         if args.smoke and not args.smoke_compile:
             switches = {k: v for k, v in switches.items() if k == "noise_on_device"}
