@@ -211,9 +211,10 @@ def part_throughput(args, p: Params) -> dict:
 
 
 def loop_rate(p: Params, device: str, args) -> dict:
-    """img/s of cdiff.train.train itself (its host work, draws and syncs included) with the profile's base recipe
-    with its noise drawn on the CPU, and with the GPU switches (compile reduce-overhead, noise on the device): two runs of n and 3n steps after a
-    warm-up run, the difference between them over 2n steps (compile and set-up cancel out)."""
+    """img/s of cdiff.train.train itself (its host work, draws and syncs included) with the profile's base
+    recipe, eager with its noise drawn on the CPU, and with the GPU switches (compile reduce-overhead, noise on
+    the device): two runs of n and 3n steps after a warm-up run, the difference between them over 2n steps
+    (compile and set-up cancel out)."""
     from cdiff.data import ImageSet
 
     n = max(2, args.timing_steps)
