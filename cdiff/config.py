@@ -207,11 +207,13 @@ class SampleConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast of the network; the sampler's update stays fp32)
     compile: bool = False  # torch.compile the network for sampling (falls back to eager if compiling fails)
     compile_mode: str = "default"  # torch.compile's mode; reduce-overhead: the network's call as a CUDA graph
+    call_batch: int = 0  # rows per network call (a guided batch of B is 2B rows); 0: the whole batch at once
 
     def validate(self, key: str = "sample") -> None:
         # sampler, steps, eta and guidance_scale are checked by cdiff.samplers.Sampler.from_config, beside the kinds
         _range(self.per_class, 1, 1024, f"{key}.per_class")
         _range(self.batch_size, 1, 1_000_000, f"{key}.batch_size")
+        _range(self.call_batch, 0, 1_000_000, f"{key}.call_batch")
         _check(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {', '.join(PRECISIONS)}")
         _check_compile_mode(self.compile_mode, f"{key}.compile_mode")
 

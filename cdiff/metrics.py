@@ -151,20 +151,22 @@ def generate(
     precision: str = "fp32",
     compile: bool = False,
     compile_mode: str = "default",
+    call_batch: int = 0,
     progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`per_class` samples of each class, in seeded batches: (images in [-1, 1], their class ids).
 
     `precision` 'bf16' runs the network under autocast and `compile` compiles it once for all batches
-    (for GPUs; the sampler's update stays float32), in torch.compile's `compile_mode`.
+    (for GPUs; the sampler's update stays float32), in torch.compile's `compile_mode`. `call_batch` > 0
+    runs each network call that many rows at a time (a CPU's cache; the seeds stay those of `batch_size`).
     """
     from tqdm.auto import tqdm
 
     from cdiff.performance import InferenceModel
     from cdiff.samplers import sample
 
-    if precision != "fp32" or compile:
-        model = InferenceModel(model, precision, compile, compile_mode)
+    if precision != "fp32" or compile or call_batch:
+        model = InferenceModel(model, precision, compile, compile_mode, call_batch)
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     device = next(model.parameters()).device
     chunks = []

@@ -62,3 +62,33 @@ def test_compiled_model_equals_eager_on_cpu(tiny_model):
         out = compiled(x, t, y)
         assert compiled._forward._checked  # compiled, not fallen back to eager
         assert torch.allclose(out, tiny_model(x, t, y), atol=1e-5)
+
+
+def test_call_batch_splits_each_network_call_and_keeps_every_row(tiny_model):
+    """The rows go through in calls of at most call_batch, in order: the output is the whole-batch call's."""
+    tiny_model.eval()
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(7, 1, 12, 12, generator=g), torch.randint(0, 50, (7,), generator=g), torch.arange(7) % 3
+    seen = []
+    tiny_model.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    with torch.no_grad():
+        whole = tiny_model(x, t, y)
+        split = InferenceModel(tiny_model, call_batch=3)(x, t, y)
+    assert seen == [7, 3, 3, 1]
+    assert torch.allclose(split, whole, atol=1e-5) and not torch.equal(split[:3], split[3:6])
+    with pytest.raises(ValueError, match="call_batch"):
+        InferenceModel(tiny_model, call_batch=-1)
+
+
+def test_generate_with_call_batch_gives_the_same_images_in_smaller_calls(tiny_model, schedule):
+    from cdiff.metrics import generate
+
+    seen = []
+    tiny_model.register_forward_hook(lambda module, args, out: seen.append(len(args[0])))
+    sampler = Sampler("dpm++2m", 3)
+    whole, labels = generate(tiny_model, schedule, 3, 2, sampler, batch_size=6, progress=False)
+    assert set(seen) == {12}  # guided: 6 images, 12 rows per call
+    seen.clear()
+    split, split_labels = generate(tiny_model, schedule, 3, 2, sampler, batch_size=6, call_batch=5, progress=False)
+    assert set(seen) == {5, 2} and torch.equal(labels, split_labels)
+    assert torch.allclose(split, whole, atol=1e-4)

@@ -84,6 +84,7 @@ class Scorer:
             precision=s.precision,
             compile=s.compile,
             compile_mode=s.compile_mode,
+            call_batch=s.call_batch,
             progress=progress,
         )
         return self._judge(images, labels, time.perf_counter() - start, cas)
