@@ -82,7 +82,7 @@ class InferenceModel(nn.Module):
     A CPU computes a batch that fits its cache faster per image than one that does not: on 2 Xeon cores a
     call of 500 rows costs 2.6 ms per image and calls of 64 rows 1.85 ms, and 300 guided DPM++-20 images
     took 22.7 s instead of 31.4 (bench/sampling_calls.py: the same images, bit for bit). Each row's output does not depend on the
-    rows beside it, so the split changes no image beyond float rounding (at 64 rows, not even that).
+    rows beside it, so the split changes no image beyond float rounding (on the bench's Xeon, at 64 rows not even that).
     Samplers only call model(x, t, y) and read model.prompt / model.config, which this forwards.
     """
 
