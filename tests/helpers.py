@@ -18,8 +18,35 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTPUTS = ("dvc.lock", "metrics/", "plots/", "tune/", "runs/", "reports/")
 
 
-def run(args, cwd, env, check=True):
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+# No command a test runs takes this long even on a slow, loaded machine (a whole tiny `dvc repro` takes
+# minutes): one that does has hung, and it fails its test instead of holding the suite until CI's limit.
+RUN_TIMEOUT_S = 1200
+
+
+def run(args, cwd, env, check=True, timeout=RUN_TIMEOUT_S):
+    """Run a command in a session of its own; its stdout (check) or the CompletedProcess (not check).
+
+    Past `timeout` seconds its whole process group (dvc, the stage, Ray's processes) is killed and the test
+    fails with what it printed so far."""
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        try:  # a daemon of another session may still hold its pipes
+            said = "".join(proc.communicate(timeout=30))[-6000:]
+        except subprocess.TimeoutExpired:
+            said = "(its output: still held open by a process outside its group)"
+        raise AssertionError(f"{' '.join(map(str, args))}: no exit after {timeout} s\n{said}") from None
+    except BaseException:  # a test's own timeout, or Ctrl-C: leave nothing running
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    out = subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
     if check:
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out if not check else out.stdout
@@ -55,6 +82,19 @@ def make_project(work: Path, edit=None) -> dict:
     ):
         run(cmd, work, env)
     return env
+
+
+def kill_processes_in(folder: Path) -> None:
+    """Kill every process whose working directory lies in `folder` (daemons a command left running there,
+    such as DVC's queue workers and their experiments); not this one."""
+    import psutil
+
+    inside = str(Path(folder).resolve())
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            cwd = proc.cwd()
+            if proc.pid != os.getpid() and (cwd == inside or cwd.startswith(inside + os.sep)):
+                proc.kill()
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from cdiff import results
-from tests.helpers import ROOT, make_project
+from tests.helpers import ROOT, kill_processes_in, make_project
 from tests.helpers import run as _run
 
 pytestmark = pytest.mark.slow
@@ -261,15 +261,18 @@ def test_queued_experiments_run_two_at_once_on_the_shared_stores(project):
     for steps in (12, 14):
         _run(["dvc", "exp", "run", "--queue", "-S", f"train.lora.steps={steps}", "finetune@inverted"], work, env)
     queued_at = int(time.time() * 1000)
-    _run(["dvc", "queue", "start", "-j", "2"], work, env)
-    deadline = time.time() + 900
-    while True:
-        status = _run(["dvc", "queue", "status"], work, env)
-        if status.count("Success") == 2:
-            break
-        assert "Failed" not in status and time.time() < deadline, status
-        time.sleep(2)
-    _run(["dvc", "queue", "stop"], work, env)
+    try:
+        _run(["dvc", "queue", "start", "-j", "2"], work, env, timeout=120)
+        deadline = time.time() + 900
+        while True:
+            status = _run(["dvc", "queue", "status"], work, env, timeout=120)
+            if status.count("Success") == 2:
+                break
+            assert "Failed" not in status and time.time() < deadline, status + _queue_logs(work)
+            time.sleep(2)
+    finally:  # the queue's workers are daemons of their own session: stop them, passed or not
+        _run(["dvc", "queue", "stop", "--kill"], work, env, check=False, timeout=120)
+        kill_processes_in(work)
     code = f"""
 import json, mlflow
 mlflow.set_tracking_uri("sqlite:///{work}/mlflow.db")
@@ -296,6 +299,12 @@ print(json.dumps([[r["tags.stage"], r["tags.domain"], r["start_time"].timestamp(
     assert (work / "adapters" / "inverted" / "adapter.safetensors").read_bytes() == adapter
     assert "up to date" in _run(["dvc", "status"], work, env)
     assert not (work / "mlruns").exists()
+
+
+def _queue_logs(work: Path) -> str:
+    """What the queue's celery workers and experiments logged, for a failure's message."""
+    logs = sorted((work / ".dvc" / "tmp" / "exps").rglob("*.out"))
+    return "".join(f"\n--- {f.relative_to(work)}\n{f.read_text(errors='replace')[-2000:]}" for f in logs)
 
 
 def test_a_one_class_domain_runs_through_with_its_judge_scores_marked_not_computable(project, tmp_path):
