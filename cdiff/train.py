@@ -136,7 +136,9 @@ def train(
     images, labels = data.as_float().to(device), data.labels.to(device)  # the data lives on the device
     if cfg.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    network = maybe_compile(model, cfg.compile, mode=cfg.compile_mode)
+    # static shapes: every step has the same batch, and CUDA graphs (mode reduce-overhead) need them
+    network = maybe_compile(model, cfg.compile, mode=cfg.compile_mode, dynamic=False)
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
     trainable = [p for p in core.parameters() if p.requires_grad]
     draw_on = device if cfg.noise_on_device else "cpu"
     pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, grad norm]) on the device, read at the next sync
@@ -152,6 +154,8 @@ def train(
             for v in step_noise(step, seed, cfg.batch_size, images.shape[1:], schedule.timesteps, draw_on)
         )
         x0, y = images[index], labels[index]
+        if graphs:  # a new step: the graphs may reuse the last step's output memory
+            torch.compiler.cudagraph_mark_step_begin()
         for group in state.optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         with autocast(device, cfg.precision):
