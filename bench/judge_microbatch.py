@@ -5,8 +5,8 @@
 One step of batch judge.batch_size, as cdiff.judge.train_judge takes it, against the same step with its
 gradient summed over micro-batches of 64 and 32 (the same gradient up to float rounding). The settings take
 turns for --rounds rounds. The judges and the CAS classifiers train this step about 5,100 times in the
-default run. Prints steps/s per setting and writes JSON to --out. Not in the pipeline yet: a finding for
-the next change of cdiff/judge.py.
+default run. Prints steps/s per setting and writes JSON to --out. What judge.micro_batch of params.yaml
+(cdiff.judge.judge_backward) was set from.
 """
 
 from __future__ import annotations

@@ -81,14 +81,31 @@ def train_judge(data: ImageSet, config: JudgeConfig, seed: int = 0, progress: bo
     bar = tqdm(range(config.steps), desc="judge", disable=not progress, leave=False)
     for step in bar:
         index = plan.global_batch(step)
-        loss = F.cross_entropy(judge(_shift(images[index], g)), data.labels[index])
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = judge_backward(judge, _shift(images[index], g), data.labels[index], config.micro_batch)
         optimizer.step()
         schedule.step()
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return judge.eval()
+
+
+def judge_backward(judge: Judge, x: torch.Tensor, y: torch.Tensor, micro_batch: int = 0) -> torch.Tensor:
+    """The cross-entropy of a batch and its backward, whole or in micro-batches of `micro_batch` rows (0: whole).
+
+    Each micro-batch adds its summed loss over the whole batch's rows: the gradient of the batch's mean, up
+    to float rounding (the judge has no batch statistics), from a working set that fits a CPU's cache
+    (bench/results/judge-microbatch.json: 1.15x at 64 of 128 on 2 cores)."""
+    if not 0 < micro_batch < len(y):
+        loss = F.cross_entropy(judge(x), y)
+        loss.backward()
+        return loss.detach()
+    total = torch.zeros(())
+    for xc, yc in zip(x.split(micro_batch), y.split(micro_batch), strict=True):
+        part = F.cross_entropy(judge(xc), yc, reduction="sum") / len(y)
+        part.backward()
+        total += part.detach()
+    return total
 
 
 @torch.no_grad()

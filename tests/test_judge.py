@@ -4,7 +4,7 @@ import torch
 from cdiff.config import JudgeConfig
 from cdiff.data import load_source
 from cdiff.errors import CdiffError
-from cdiff.judge import JUDGE_WEIGHTS, load_judge, predict, save_judge, train_judge
+from cdiff.judge import JUDGE_WEIGHTS, Judge, judge_backward, load_judge, predict, save_judge, train_judge
 from cdiff.metrics import class_accuracy, fid
 
 
@@ -44,3 +44,19 @@ def test_judge_round_trips_and_a_corrupt_file_is_refused(judge, digits, tmp_path
     (tmp_path / "j" / JUDGE_WEIGHTS).write_bytes(b"\x80\x04junk")
     with pytest.raises(CdiffError, match="not a valid safetensors"):
         load_judge(tmp_path / "j")
+
+
+@pytest.mark.parametrize("micro", [4, 5])  # 5 does not divide 16: micro-batches of 5, 5, 5, 1
+def test_judge_micro_batches_give_the_whole_batch_gradient(digits, micro):
+    torch.manual_seed(0)
+    judge = Judge(1, 10, JudgeConfig(width=4, features=8))
+    x, y = digits[0].as_float()[:16], digits[0].labels[:16]
+    grads, losses = [], []
+    for m in (0, micro):
+        judge.zero_grad(set_to_none=True)
+        losses.append(judge_backward(judge, x, y, m).item())
+        grads.append([p.grad.clone() for p in judge.parameters()])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert all(g.abs().sum() > 0 for g in grads[0])  # every weight has a gradient to agree on
+    for whole, parts in zip(*grads, strict=True):
+        torch.testing.assert_close(parts, whole, rtol=1e-4, atol=1e-6)

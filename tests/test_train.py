@@ -205,3 +205,26 @@ def test_learning_rate_warms_up_linearly_then_follows_a_cosine_to_a_tenth():
     assert learning_rate(cfg, 100) == pytest.approx(1.0)  # the cosine starts at the top
     assert learning_rate(cfg, 600) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway: cos(pi / 2) = 0
     assert learning_rate(cfg, 1100) == pytest.approx(0.1) and learning_rate(cfg, 5000) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("micro", [4, 3])  # 3 does not divide 8: micro-batches of 3, 3, 2
+def test_micro_batches_give_the_whole_batch_gradient_and_loss(schedule, micro):
+    # grad_clip off and one step: the gradients train() leaves are the step's own, unscaled (Adam would hide a
+    # wrongly weighted micro-batch: it divides each gradient by its own size)
+    cfg = TrainConfig(steps=1, batch_size=8, warmup_steps=0, log_every=1, grad_clip=0)
+    grads, losses = [], []
+    for m in (0, micro):
+        torch.manual_seed(0)
+        model = UNet(tiny_config())
+        state = train(model, schedule, _toy_data(), dataclasses.replace(cfg, micro_batch=m), seed=0, p_uncond=0.1)
+        losses.append(state.losses[0][1])
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert sum(g.abs().sum() > 0 for g in grads[0].values()) > 0.9 * len(grads[0])
+    for name, whole in grads[0].items():
+        torch.testing.assert_close(grads[1][name], whole, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_micro_batch_must_not_be_negative():
+    with pytest.raises(CdiffError, match="train.base.micro_batch: must be at least 0"):
+        TrainConfig(micro_batch=-1).validate("train.base")
